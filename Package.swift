@@ -1,0 +1,98 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Dependencies point downward only (DESIGN.md §3):
+// executables → LoRAGACoordinator / LoRAGAWorker → LoRAGAWire, LoRAGAFormats → LoRAGACore → C modules.
+let package = Package(
+    name: "lora-ga",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "lora-ga", targets: ["LoraGACLI"]),
+        .executable(name: "lora-ga-coord", targets: ["LoraGACoord"]),
+        .executable(name: "lora-ga-worker", targets: ["LoraGAWorkerMain"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "COpenBLAS",
+            pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]
+        ),
+        .systemLibrary(
+            name: "CZstd",
+            pkgConfig: "libzstd",
+            providers: [.apt(["libzstd-dev"])]
+        ),
+        .target(name: "LoRAGACore", dependencies: ["COpenBLAS"]),
+        .target(name: "LoRAGAFormats", dependencies: ["LoRAGACore", "CZstd"]),
+        .target(
+            name: "LoRAGAWire",
+            dependencies: [
+                "LoRAGACore",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        .target(
+            name: "LoRAGACoordinator",
+            dependencies: [
+                "LoRAGACore", "LoRAGAFormats", "LoRAGAWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "LoRAGAWorker",
+            dependencies: [
+                "LoRAGACore", "LoRAGAFormats", "LoRAGAWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "LoraGACLI",
+            dependencies: [
+                "LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "LoraGACoord",
+            dependencies: [
+                "LoRAGACoordinator",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "LoraGAWorkerMain",
+            dependencies: [
+                "LoRAGAWorker",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "LoRAGACoreTests", dependencies: ["LoRAGACore"]),
+        .testTarget(name: "LoRAGAFormatsTests", dependencies: ["LoRAGAFormats"]),
+        .testTarget(
+            name: "LoRAGAWireTests",
+            dependencies: [
+                "LoRAGAWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "LoRAGASystemTests",
+            dependencies: ["LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker"],
+            resources: [.copy("Fixtures")]
+        ),
+    ]
+)

@@ -1,0 +1,129 @@
+/// A dense Float32 matrix stored row-major, the layout PyTorch and safetensors use
+/// for a weight [out, in], so a row block of a gradient is one contiguous slice.
+public struct Matrix: Sendable, Equatable {
+    public let rows: Int
+    public let cols: Int
+    /// Row-major: element (i, j) lives at `storage[i * cols + j]`.
+    public var storage: [Float]
+
+    public init(rows: Int, cols: Int) {
+        precondition(rows >= 0 && cols >= 0, "negative matrix shape \(rows)×\(cols)")
+        self.rows = rows
+        self.cols = cols
+        self.storage = [Float](repeating: 0, count: rows * cols)
+    }
+
+    public init(rows: Int, cols: Int, storage: [Float]) {
+        precondition(storage.count == rows * cols, "storage holds \(storage.count) values, shape \(rows)×\(cols) needs \(rows * cols)")
+        self.rows = rows
+        self.cols = cols
+        self.storage = storage
+    }
+
+    public subscript(row: Int, col: Int) -> Float {
+        get { storage[row * cols + col] }
+        set { storage[row * cols + col] = newValue }
+    }
+
+    public var isEmpty: Bool { rows == 0 || cols == 0 }
+
+    public func transposed() -> Matrix {
+        var result = Matrix(rows: cols, cols: rows)
+        storage.withUnsafeBufferPointer { source in
+            result.storage.withUnsafeMutableBufferPointer { target in
+                // Tiled so both sides stay in cache on large matrices.
+                let tile = 32
+                for rowStart in stride(from: 0, to: rows, by: tile) {
+                    for colStart in stride(from: 0, to: cols, by: tile) {
+                        for i in rowStart..<min(rowStart + tile, rows) {
+                            for j in colStart..<min(colStart + tile, cols) {
+                                target[j * rows + i] = source[i * cols + j]
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return result
+    }
+
+    /// Copy of the columns `range` (all rows).
+    public func columns(_ range: Range<Int>) -> Matrix {
+        precondition(range.lowerBound >= 0 && range.upperBound <= cols, "columns \(range) outside 0..<\(cols)")
+        var result = Matrix(rows: rows, cols: range.count)
+        for i in 0..<rows {
+            for (k, j) in range.enumerated() {
+                result.storage[i * range.count + k] = storage[i * cols + j]
+            }
+        }
+        return result
+    }
+
+    /// Copy of the rows `range` (all columns).
+    public func rows(_ range: Range<Int>) -> Matrix {
+        precondition(range.lowerBound >= 0 && range.upperBound <= rows, "rows \(range) outside 0..<\(rows)")
+        return Matrix(rows: range.count, cols: cols, storage: Array(storage[(range.lowerBound * cols)..<(range.upperBound * cols)]))
+    }
+
+    public mutating func scale(by factor: Float) {
+        storage.withUnsafeMutableBufferPointer { values in
+            for index in values.indices { values[index] *= factor }
+        }
+    }
+
+    /// Squared Frobenius norm, accumulated in Double so large matrices lose nothing.
+    public var frobeniusNormSquared: Double {
+        storage.withUnsafeBufferPointer { RowBlock.sumOfSquares($0) }
+    }
+
+    public static func identity(_ size: Int) -> Matrix {
+        var result = Matrix(rows: size, cols: size)
+        for i in 0..<size { result[i, i] = 1 }
+        return result
+    }
+}
+
+/// A borrowed row block of a larger row-major matrix: rows `rowStart ..< rowStart + rowCount`.
+/// This is the unit in which gradients stream (from files, over the wire) into sketches.
+public struct RowBlock {
+    public let rowStart: Int
+    public let rowCount: Int
+    public let cols: Int
+    public let values: UnsafeBufferPointer<Float>
+
+    public init(rowStart: Int, rowCount: Int, cols: Int, values: UnsafeBufferPointer<Float>) {
+        precondition(values.count == rowCount * cols, "row block holds \(values.count) values, \(rowCount)×\(cols) needs \(rowCount * cols)")
+        self.rowStart = rowStart
+        self.rowCount = rowCount
+        self.cols = cols
+        self.values = values
+    }
+
+    public var rowRange: Range<Int> { rowStart..<(rowStart + rowCount) }
+
+    /// Σ x² in Double; four partial sums keep the loop vectorizable.
+    static func sumOfSquares(_ values: UnsafeBufferPointer<Float>) -> Double {
+        var total: Double = 0
+        let chunk = 4096
+        var start = 0
+        while start < values.count {
+            let end = min(start + chunk, values.count)
+            var partial: Float = 0
+            for index in start..<end { partial += values[index] * values[index] }
+            total += Double(partial)
+            start = end
+        }
+        return total
+    }
+
+    public var frobeniusNormSquared: Double { RowBlock.sumOfSquares(values) }
+
+    /// The index of the first value that is NaN or infinite, if any.
+    public func firstNonFiniteIndex() -> Int? {
+        // A NaN or ±Inf makes the sum non-finite; only then search element by element.
+        var probe: Float = 0
+        for value in values { probe += value * 0 }
+        guard !probe.isFinite else { return nil }
+        return values.firstIndex { !$0.isFinite }
+    }
+}

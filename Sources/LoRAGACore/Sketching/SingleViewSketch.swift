@@ -1,0 +1,106 @@
+/// One-pass sketch of a streamed matrix (Tropp, Yurtsever, Udell & Cevher 2019,
+/// "Streaming low-rank matrix approximation…", §3–4):
+///
+///     range     Y = G Ω      (rows × k)
+///     co-range  X = Υ G      (k × cols)
+///     core      Z = Φ G Ξᵀ   (s × s),  s = 2k + 1
+///
+/// All three are linear in G, so row blocks from any worker fold in any order and two
+/// sketches of the same layer add up (`merge`). Test matrices are regenerated per row
+/// from (seed, layer); memory is O((rows + cols) · s), never rows · cols.
+public struct SingleViewSketch: Sendable {
+    public let rows: Int
+    public let cols: Int
+    public let targetRank: Int
+    /// Range / co-range width k.
+    public let width: Int
+    /// Core width s.
+    public let coreWidth: Int
+    let generator: TestMatrixGenerator
+    let layerName: String
+
+    // Test matrices (regenerable, kept for speed): Ω [cols × k], Ξᵀ [cols × s].
+    let omega: Matrix
+    let xiT: Matrix
+    // Row-indexed test matrices Υᵀ [rows × k], Φᵀ [rows × s]: generated per block on demand
+    // would cost as much as the GEMMs, so they are kept too — still O(rows · s).
+    let upsilonT: Matrix
+    let phiT: Matrix
+
+    public private(set) var y: Matrix
+    public private(set) var x: Matrix
+    public private(set) var z: Matrix
+
+    /// - Parameters:
+    ///   - width: k; Tropp et al. recommend k ≈ 2·targetRank or more for slowly decaying spectra.
+    public init(rows: Int, cols: Int, targetRank: Int, width: Int, seed: UInt64, layerName: String) throws {
+        guard targetRank <= Swift.min(rows, cols) else {
+            throw RandomizedSVDError.rankTooLarge(layer: layerName, rows: rows, cols: cols, targetRank: targetRank)
+        }
+        let k = Swift.min(Swift.max(width, targetRank), rows, cols)
+        let s = Swift.min(2 * k + 1, Swift.max(rows, cols))
+        self.rows = rows
+        self.cols = cols
+        self.targetRank = targetRank
+        self.width = k
+        self.coreWidth = s
+        self.layerName = layerName
+        let generator = TestMatrixGenerator(seed: seed, layerName: layerName)
+        self.generator = generator
+        self.omega = generator.matrix(rowCount: cols, width: k, kind: .range)
+        self.xiT = generator.matrix(rowCount: cols, width: s, kind: .coreRight)
+        self.upsilonT = generator.matrix(rowCount: rows, width: k, kind: .coRange)
+        self.phiT = generator.matrix(rowCount: rows, width: s, kind: .coreLeft)
+        self.y = Matrix(rows: rows, cols: k)
+        self.x = Matrix(rows: k, cols: cols)
+        self.z = Matrix(rows: s, cols: s)
+    }
+
+    /// Floats held by this sketch (state plus test matrices), for memory accounting.
+    public var floatCount: Int {
+        omega.storage.count + xiT.storage.count + upsilonT.storage.count + phiT.storage.count
+            + y.storage.count + x.storage.count + z.storage.count
+    }
+
+    /// Adds a row block's contribution. Blocks may repeat rows (several workers): sums are linear.
+    public mutating func fold(_ block: RowBlock) {
+        precondition(block.cols == cols && block.rowStart + block.rowCount <= rows, "row block \(block.rowRange)×\(block.cols) does not fit sketch \(rows)×\(cols)")
+        guard block.rowCount > 0 else { return }
+        Matrix.accumulateProduct(block, omega, into: &y, rowOffset: block.rowStart, beta: 1)   // Y[i:j] += G_b Ω
+        Matrix.accumulateTransposedProduct(upsilonT, block, into: &x)                          // X += Υ[:, i:j] G_b
+        let right = Matrix.product(block, xiT)                                                 // G_b Ξᵀ
+        let phiBlock = phiT.rows(block.rowRange)
+        z.add(Matrix.product(phiBlock, right, transposeA: true))                              // Z += Φ[:, i:j] G_b Ξᵀ
+    }
+
+    /// Adds another sketch of the same layer (same seed, sizes): the sketch of the sum.
+    public mutating func merge(_ other: SingleViewSketch) {
+        precondition(other.rows == rows && other.cols == cols && other.width == width && other.coreWidth == coreWidth && other.generator.seed == generator.seed && other.layerName == layerName,
+                     "merging sketches of different layers or sizes")
+        y.add(other.y)
+        x.add(other.x)
+        z.add(other.z)
+    }
+
+    /// Fixed-rank approximation [[Ĝ]]_t with Ĝ = Q C Pᵀ (Tropp et al. 2019, eq. 4.3 and §5):
+    /// Q = orth(Y), P = orth(Xᵀ), C = (ΦQ)† Z ((ΞP)†)ᵀ.
+    public func truncatedSVD() throws -> TruncatedSVD {
+        guard y.storage.allSatisfy(\.isFinite), x.storage.allSatisfy(\.isFinite), z.storage.allSatisfy(\.isFinite) else {
+            throw RandomizedSVDError.nonFinite(layer: layerName)
+        }
+        guard y.frobeniusNormSquared > 0 else { throw RandomizedSVDError.zeroMatrix(layer: layerName) }
+        let q = try y.orthonormalizedColumns()                                     // rows × k
+        let p = try x.transposed().orthonormalizedColumns()                        // cols × k
+        let phiQ = Matrix.product(phiT, q, transposeA: true)                       // s × k
+        let xiP = Matrix.product(xiT, p, transposeA: true)                         // s × k
+        let left = try phiQ.leastSquaresSolution(z)                                // k × s = (ΦQ)† Z
+        let core = try xiP.leastSquaresSolution(left.transposed()).transposed()    // k × k = left ((ΞP)†)ᵀ
+        let small = try core.singularValueDecomposition()
+        let t = targetRank
+        let u = Matrix.product(q, small.u.columns(0..<t))                          // Q U_c
+        let vt = Matrix.product(small.vt.rows(0..<t), p, transposeB: true)         // V_cᵀ Pᵀ
+        var result = TruncatedSVD(u: u, s: Array(small.s.prefix(t)), vt: vt)
+        result.applySignConvention()
+        return result
+    }
+}
