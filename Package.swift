@@ -92,7 +92,7 @@ let package = Package(
         .testTarget(
             name: "LoRAGASystemTests",
             dependencies: ["LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker"],
-            resources: [.copy("Fixtures")]
+            exclude: ["Fixtures"]
         ),
     ]
 )

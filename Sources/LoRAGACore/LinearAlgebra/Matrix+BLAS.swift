@@ -136,6 +136,17 @@ extension Matrix {
     }
 }
 
+extension Matrix {
+    /// self[block rows, :] += block.
+    public mutating func addRows(_ block: RowBlock) {
+        precondition(block.cols == cols && block.rowStart + block.rowCount <= rows, "row block \(block.rowRange)×\(block.cols) outside \(rows)×\(cols)")
+        guard block.values.count > 0 else { return }
+        storage.withUnsafeMutableBufferPointer { target in
+            cblas_saxpy(blasint(block.values.count), 1, block.values.baseAddress!, 1, target.baseAddress! + block.rowStart * cols, 1)
+        }
+    }
+}
+
 func getenvString(_ name: String) -> String? {
     guard let value = getenv(name) else { return nil }
     return String(cString: value)

@@ -1,0 +1,88 @@
+import Foundation
+import LoRAGACore
+import LoRAGAFormats
+
+/// `lora-ga init`: the whole job in one process, reading gradient files directly.
+/// Layers go one at a time (memory is one layer's state), each checkpointed as it finishes.
+public struct LocalJob {
+    public let files: GradientFileSet
+    public let settings: JobSettings
+    public let store: CheckpointStore
+    /// Called with one line per finished layer.
+    public var progress: (String) -> Void
+
+    public init(files: GradientFileSet, settings: JobSettings, outputDirectory: String, restart: Bool = false, progress: @escaping (String) -> Void = { _ in }) throws {
+        let problems = settings.validationErrors()
+        guard problems.isEmpty else { throw JobError(problems.joined(separator: "; ")) }
+        self.files = files
+        self.settings = settings
+        self.store = try CheckpointStore(directory: outputDirectory, settings: settings, layers: files.layers, restart: restart)
+        self.progress = progress
+    }
+
+    /// Runs every unfinished layer, then writes the adapter. Returns the per-layer reports.
+    @discardableResult
+    public func run(adapterDType: TensorDType = .f32) throws -> [LayerReport] {
+        BLAS.configureThreads()
+        let layers = files.layers
+        for dropped in store.droppedLayers {
+            progress("checkpoint of '\(dropped)' failed its checks; recomputing it")
+        }
+        for (index, layer) in layers.enumerated() {
+            if store.isFinished(layer) {
+                progress("[\(index + 1)/\(layers.count)] \(layer.name): already finished, skipped")
+                continue
+            }
+            let report = try solve(layer)
+            progress("[\(index + 1)/\(layers.count)] " + LocalJob.describe(report))
+        }
+        try store.writeAdapter(dtype: adapterDType)
+        return store.finishedReports
+    }
+
+    /// One layer: stream its summed row blocks through the mode's accumulator, factor, checkpoint.
+    func solve(_ layer: GradientLayer) throws -> LayerReport {
+        let clock = ContinuousClock.now
+        var blocks = files.rowBlocks(of: layer)
+        let factors: LoRAFactors
+        let svd: TruncatedSVD
+        let fidelity: Double?
+        switch settings.mode {
+        case .dense, .sketch:
+            var accumulator = try LayerAccumulator(name: layer.name, rows: layer.rows, cols: layer.cols, settings: settings)
+            try blocks.forEachRowBlock { accumulator.add($0) }
+            (factors, svd, fidelity) = try accumulator.finish(settings: settings)
+        case .power:
+            svd = try randomizedSVD(of: &blocks, parameters: settings.randomizedSVD, layerName: layer.name)
+            factors = LoRAFactors(svd: svd, configuration: settings.lora)
+            fidelity = try LocalJob.onePassFidelity(of: &blocks, svd: svd, factors: factors)
+        }
+        let elapsed = ContinuousClock.now - clock
+        let report = LayerReport(
+            name: layer.name, outFeatures: layer.rows, inFeatures: layer.cols, mode: settings.mode,
+            singularValues: svd.s.map(Double.init), fidelityEstimate: fidelity,
+            seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18,
+            bytesIn: blocks.bytesRead)
+        try store.record(layer: layer, factors: factors, svd: svd, report: report)
+        return report
+    }
+
+    /// One more streamed pass: the expanded residual (DESIGN.md §1) and ‖G‖², so the
+    /// power mode reports fidelity at the cost of one pass instead of two.
+    static func onePassFidelity(of blocks: inout SummedRowBlocks, svd: TruncatedSVD, factors: LoRAFactors) throws -> Double {
+        var accumulator = try FidelityAccumulator(factors: factors)
+        try blocks.forEachRowBlock { accumulator.add($0) }
+        let tail = Fidelity.tailNorm(gradientNormSquared: accumulator.gradientNormSquared, topSingularValues: svd.s.map(Double.init))
+        return Fidelity.ratio(residualNorm: accumulator.residualNorm, tailNorm: tail, gradientNorm: accumulator.gradientNormSquared.squareRoot())
+    }
+
+    public static func describe(_ report: LayerReport) -> String {
+        let fidelity = report.fidelityEstimate.map { String(format: "ratio≈%.4f", $0) } ?? "ratio n/a (verify to measure)"
+        let top = report.singularValues.first.map { String(format: "s1=%.4g", $0) } ?? ""
+        let megabytes = Double(report.bytesIn) / 1e6
+        let rate = report.seconds > 0 ? megabytes / report.seconds : 0
+        let last = String(format: "s%d=%.4g", report.singularValues.count, report.singularValues.last ?? 0)
+        return "\(report.name) \(report.outFeatures)×\(report.inFeatures) \(report.mode.rawValue): \(top) \(last) \(fidelity), "
+            + String(format: "%.2f s, %.1f MB read (%.0f MB/s)", report.seconds, megabytes, rate)
+    }
+}

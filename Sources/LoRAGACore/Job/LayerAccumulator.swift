@@ -1,0 +1,88 @@
+/// One layer's streamed gradient on its way to a truncated SVD, in `dense` or `sketch` mode.
+/// Both are linear in G: row blocks from any worker add in any order, and two accumulators
+/// of the same layer merge — which is what lets a coordinator stage each worker's blocks
+/// and count them only on that worker's commit.
+public struct LayerAccumulator: Sendable {
+    public let name: String
+    public let rows: Int
+    public let cols: Int
+    /// Exactly one of these is set: the summed gradient (dense) or its sketch.
+    private var dense: Matrix?
+    private var sketch: SingleViewSketch?
+
+    public init(name: String, rows: Int, cols: Int, settings: JobSettings) throws {
+        self.name = name
+        self.rows = rows
+        self.cols = cols
+        let target = 2 * settings.lora.rank
+        guard target <= Swift.min(rows, cols) else {
+            throw RandomizedSVDError.rankTooLarge(layer: name, rows: rows, cols: cols, targetRank: target)
+        }
+        switch settings.mode {
+        case .dense, .power:
+            dense = Matrix(rows: rows, cols: cols)
+        case .sketch:
+            sketch = try SingleViewSketch(rows: rows, cols: cols, targetRank: target, width: settings.sketchWidth, seed: settings.seed, layerName: name)
+        }
+    }
+
+    /// Bytes of state held (what this layer costs in memory).
+    public var byteCount: Int {
+        4 * ((dense?.storage.count ?? 0) + (sketch?.floatCount ?? 0))
+    }
+
+    public mutating func add(_ block: RowBlock) {
+        precondition(block.cols == cols && block.rowStart + block.rowCount <= rows, "row block \(block.rowRange)×\(block.cols) outside layer '\(name)' \(rows)×\(cols)")
+        if dense != nil {
+            dense!.addRows(block)
+        } else {
+            sketch!.fold(block)
+        }
+    }
+
+    public mutating func merge(_ other: LayerAccumulator) {
+        precondition(other.name == name && other.rows == rows && other.cols == cols, "merging accumulators of different layers")
+        if let otherDense = other.dense {
+            dense!.add(otherDense)
+        } else if let otherSketch = other.sketch {
+            sketch!.merge(otherSketch)
+        }
+    }
+
+    /// The layer's LoRA-GA factors and report fields.
+    public func finish(settings: JobSettings) throws -> (factors: LoRAFactors, svd: TruncatedSVD, fidelityEstimate: Double?) {
+        if let g = dense {
+            if let index = g.storage.firstIndex(where: { !$0.isFinite }) {
+                throw GradientError.nonFinite(layer: name, source: "summed gradient", row: index / cols)
+            }
+            var source = InMemoryRowBlocks(g)
+            let svd = try randomizedSVD(of: &source, parameters: settings.randomizedSVD, layerName: name)
+            let factors = LoRAFactors(svd: svd, configuration: settings.lora)
+            return (factors, svd, try estimatedFidelity(of: source, svd: svd, factors: factors))
+        }
+        let svd = try sketch!.truncatedSVD()
+        return (LoRAFactors(svd: svd, configuration: settings.lora), svd, nil)
+    }
+}
+
+/// Exact residual (two passes over G) against ‖G‖² − Σ ŝ², the tail implied by the singular values found.
+public func estimatedFidelity<Source: RowBlockSource>(of source: Source, svd: TruncatedSVD, factors: LoRAFactors) throws -> Double {
+    var source = source
+    var accumulator = try FidelityAccumulator(factors: factors)
+    try source.forEachRowBlock { accumulator.add($0) }
+    try source.forEachRowBlock { accumulator.addResidual($0) }
+    let tail = Fidelity.tailNorm(gradientNormSquared: accumulator.gradientNormSquared, topSingularValues: svd.s.map(Double.init))
+    return Fidelity.ratio(residualNorm: accumulator.residualNorm, tailNorm: tail, gradientNorm: accumulator.gradientNormSquared.squareRoot())
+}
+
+/// A gradient that cannot be used, named precisely enough to find the bad value.
+public enum GradientError: Error, CustomStringConvertible, Equatable {
+    case nonFinite(layer: String, source: String, row: Int)
+
+    public var description: String {
+        switch self {
+        case let .nonFinite(layer, source, row):
+            return "\(source): layer '\(layer)' has a NaN or Inf value in row \(row)"
+        }
+    }
+}

@@ -1,0 +1,192 @@
+import Foundation
+import LoRAGACore
+
+/// A layer as gradient files describe it: a 2-D tensor [out, in] present in every file.
+public struct GradientLayer: Sendable, Hashable, Codable {
+    /// The tensor name, e.g. `encoder.layer.0.attention.self.query.weight`.
+    public var name: String
+    public var rows: Int
+    public var cols: Int
+    /// Stored dtype name (F32, BF16, F16, F64).
+    public var dtype: String
+
+    public init(name: String, rows: Int, cols: Int, dtype: String) {
+        self.name = name
+        self.rows = rows
+        self.cols = cols
+        self.dtype = dtype
+    }
+
+    /// PEFT's module name: the tensor name without its `.weight` suffix.
+    public var moduleName: String {
+        name.hasSuffix(".weight") ? String(name.dropLast(".weight".count)) : name
+    }
+}
+
+/// A problem with the set of gradient files as a whole.
+public struct GradientSetError: Error, CustomStringConvertible {
+    public let problem: String
+    public init(_ problem: String) { self.problem = problem }
+    public var description: String { problem }
+}
+
+/// Every safetensors file under the given paths, each one worker's or one micro-batch's
+/// gradient. Tensors with the same name across files are summed; the layers are the 2-D
+/// float tensors (matching an optional pattern) that every file holds with one shape and dtype.
+public final class GradientFileSet {
+    public let files: [SafeTensorsFile]
+    /// Layers in a stable order: sorted by name.
+    public let layers: [GradientLayer]
+
+    /// - Parameters:
+    ///   - paths: files, or directories searched recursively for `*.safetensors`.
+    ///   - target: keep only layers whose name matches (a regular expression, searched anywhere in the name).
+    public init(paths: [String], target: String? = nil) throws {
+        let filePaths = try GradientFileSet.expand(paths)
+        guard !filePaths.isEmpty else {
+            throw GradientSetError("no .safetensors files found under \(paths.joined(separator: ", "))")
+        }
+        let files = try filePaths.map { try SafeTensorsFile(path: $0) }
+        self.files = files
+        let pattern: NSRegularExpression?
+        do {
+            pattern = try target.map { try NSRegularExpression(pattern: $0) }
+        } catch {
+            throw GradientSetError("--target '\(target ?? "")' is not a valid regular expression: \(error.localizedDescription)")
+        }
+        func wanted(_ info: TensorInfo) -> Bool {
+            guard info.shape.count == 2, info.dtype.isReadableAsFloat else { return false }
+            guard let pattern else { return true }
+            return pattern.firstMatch(in: info.name, range: NSRange(info.name.startIndex..., in: info.name)) != nil
+        }
+        let first = files[0]
+        var layers: [GradientLayer] = []
+        for info in first.tensors where wanted(info) {
+            for other in files.dropFirst() {
+                guard let match = other.tensor(named: info.name) else {
+                    throw GradientSetError("layer '\(info.name)' is in \(first.path) but missing from \(other.path); every gradient file must hold the same layers")
+                }
+                guard match.shape == info.shape else {
+                    throw GradientSetError("layer '\(info.name)' has shape \(info.shape) in \(first.path) but \(match.shape) in \(other.path)")
+                }
+                guard match.dtype == info.dtype else {
+                    throw GradientSetError("layer '\(info.name)' is \(info.dtype) in \(first.path) but \(match.dtype) in \(other.path)")
+                }
+            }
+            layers.append(GradientLayer(name: info.name, rows: info.shape[0], cols: info.shape[1], dtype: info.dtype.rawValue))
+        }
+        for other in files.dropFirst() {
+            for info in other.tensors where wanted(info) && first.tensor(named: info.name) == nil {
+                throw GradientSetError("layer '\(info.name)' is in \(other.path) but missing from \(first.path); every gradient file must hold the same layers")
+            }
+        }
+        guard !layers.isEmpty else {
+            throw GradientSetError(target == nil
+                ? "no 2-D float tensors in \(first.path)"
+                : "no 2-D float tensor matches --target '\(target!)' in \(first.path)")
+        }
+        self.layers = layers
+    }
+
+    /// Files as given, and every `*.safetensors` below a directory, sorted for a stable order.
+    public static func expand(_ paths: [String]) throws -> [String] {
+        var result: [String] = []
+        for path in paths {
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
+                throw GradientSetError("\(path): no such file or directory")
+            }
+            if isDirectory.boolValue {
+                guard let walker = FileManager.default.enumerator(atPath: path) else {
+                    throw GradientSetError("\(path): cannot list directory")
+                }
+                var found: [String] = []
+                while let relative = walker.nextObject() as? String {
+                    if relative.hasSuffix(".safetensors") { found.append((path as NSString).appendingPathComponent(relative)) }
+                }
+                result.append(contentsOf: found.sorted())
+            } else {
+                result.append(path)
+            }
+        }
+        return result
+    }
+
+    /// Row blocks of `layer` summed over every file.
+    public func rowBlocks(of layer: GradientLayer, targetBlockBytes: Int = 8 << 20) -> SummedRowBlocks {
+        SummedRowBlocks(files: files, layer: layer, blockRows: SummedRowBlocks.blockRows(cols: layer.cols, targetBytes: targetBlockBytes))
+    }
+}
+
+/// A layer's gradient summed over several files, handed out in row blocks: the first file
+/// is read into the block buffer, the others are added onto it (no second buffer).
+/// Memory is one block, however large the layer.
+public struct SummedRowBlocks: RowBlockSource {
+    public let files: [SafeTensorsFile]
+    public let layer: GradientLayer
+    public let blockRows: Int
+    /// Gradient bytes read from disk so far, over all passes.
+    public private(set) var bytesRead = 0
+    private var buffer: [Float]
+
+    public init(files: [SafeTensorsFile], layer: GradientLayer, blockRows: Int) {
+        self.files = files
+        self.layer = layer
+        self.blockRows = Swift.max(1, Swift.min(blockRows, layer.rows))
+        self.buffer = [Float](repeating: 0, count: self.blockRows * layer.cols)
+    }
+
+    /// Rows per block so one block is about `targetBytes` of Float32 (GEMMs on blocks of a few
+    /// MB run at full speed; larger blocks only cost memory).
+    public static func blockRows(cols: Int, targetBytes: Int) -> Int {
+        Swift.max(1, targetBytes / Swift.max(1, cols * 4))
+    }
+
+    public var rows: Int { layer.rows }
+    public var cols: Int { layer.cols }
+
+    public mutating func forEachRowBlock(_ body: (RowBlock) throws -> Void) throws {
+        let elementSize = TensorDType(rawValue: layer.dtype)?.byteSize ?? 4
+        var start = 0
+        while start < layer.rows {
+            let count = Swift.min(blockRows, layer.rows - start)
+            let range = start..<(start + count)
+            try buffer.withUnsafeMutableBufferPointer { whole in
+                let block = UnsafeMutableBufferPointer(rebasing: whole[0..<(count * layer.cols)])
+                try files[0].readRows(layer.name, rows: range, into: block)
+                try SummedRowBlocks.checkFinite(block, file: files[0], layer: layer, rowStart: start)
+                for file in files.dropFirst() {
+                    try file.addRows(layer.name, rows: range, into: block)
+                }
+                // One check per file would need a second buffer; check the sum and, only
+                // if it is bad, find the file that brought the bad value.
+                if files.count > 1, (try? SummedRowBlocks.checkFinite(block, file: files[0], layer: layer, rowStart: start)) == nil {
+                    try SummedRowBlocks.locateNonFinite(files: files, layer: layer, rows: range)
+                }
+                try body(RowBlock(rowStart: start, rowCount: count, cols: layer.cols, values: UnsafeBufferPointer(block)))
+            }
+            bytesRead += count * layer.cols * elementSize * files.count
+            start += count
+        }
+    }
+
+    static func checkFinite(_ block: UnsafeMutableBufferPointer<Float>, file: SafeTensorsFile, layer: GradientLayer, rowStart: Int) throws {
+        let view = RowBlock(rowStart: rowStart, rowCount: block.count / layer.cols, cols: layer.cols, values: UnsafeBufferPointer(block))
+        if let index = view.firstNonFiniteIndex() {
+            throw GradientError.nonFinite(layer: layer.name, source: file.path, row: rowStart + index / layer.cols)
+        }
+    }
+
+    /// Re-reads the block file by file to name the one holding a NaN/Inf. Rare path.
+    static func locateNonFinite(files: [SafeTensorsFile], layer: GradientLayer, rows: Range<Int>) throws {
+        var scratch = [Float](repeating: 0, count: rows.count * layer.cols)
+        for file in files {
+            try scratch.withUnsafeMutableBufferPointer { block in
+                try file.readRows(layer.name, rows: rows, into: block)
+                try checkFinite(block, file: file, layer: layer, rowStart: rows.lowerBound)
+            }
+        }
+        // Every file is finite but the sum overflowed Float32.
+        throw GradientError.nonFinite(layer: layer.name, source: "sum of \(files.count) files", row: rows.lowerBound)
+    }
+}

@@ -1,0 +1,114 @@
+import NIOCore
+
+/// Type 6, worker → coordinator: rows `[rowStart, rowStart + rowCount)` of one
+/// layer's gradient, row-major, `cols` wide.
+///
+/// `uncompressedBytes` is always `rowCount × cols × dtype.byteWidth`; without
+/// compression `payload` holds exactly that many bytes. With compression the
+/// receiver checks `rowCount` and `cols` against the job before it allocates
+/// `uncompressedBytes` for decompression.
+public struct Shard: WireMessageBody {
+    public static let messageType = WireMessageType.shard
+
+    /// Bytes before the payload.
+    public static let headerBytes = 4 + 4 + 8 + 4 + 8 + 1 + 1 + 8
+
+    public var layerIndex: UInt32
+    /// The attempt of the `LayerBegin` this shard answers (older attempts are discarded).
+    public var attempt: UInt32
+    public var rowStart: UInt64
+    public var rowCount: UInt32
+    public var cols: UInt64
+    public var dtype: WireDType
+    public var compression: WireCompression
+    public var uncompressedBytes: UInt64
+    /// Decoded shards keep a slice of the received frame: no copy.
+    public var payload: ByteBuffer
+
+    public init(
+        layerIndex: UInt32,
+        rowStart: UInt64,
+        rowCount: UInt32,
+        cols: UInt64,
+        dtype: WireDType,
+        compression: WireCompression,
+        uncompressedBytes: UInt64,
+        payload: ByteBuffer,
+        attempt: UInt32 = 0
+    ) {
+        self.layerIndex = layerIndex
+        self.attempt = attempt
+        self.rowStart = rowStart
+        self.rowCount = rowCount
+        self.cols = cols
+        self.dtype = dtype
+        self.compression = compression
+        self.uncompressedBytes = uncompressedBytes
+        self.payload = payload
+    }
+
+    /// An uncompressed shard; `uncompressedBytes` is the payload's size.
+    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payload: ByteBuffer, attempt: UInt32 = 0) {
+        self.init(
+            layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype,
+            compression: .uncompressed, uncompressedBytes: UInt64(payload.readableBytes), payload: payload, attempt: attempt
+        )
+    }
+
+    /// Rows one past the last row of this shard (validated not to overflow).
+    public var rowEnd: UInt64 { rowStart + UInt64(rowCount) }
+
+    public func validate() throws(WireError) {
+        func fail(_ reason: String) -> WireError { .malformed(Self.messageType, reason) }
+        guard dtype.isPayloadType else { throw fail("dtype \(dtype) cannot carry gradients") }
+        guard rowCount > 0, cols > 0 else { throw fail("empty shard \(rowCount)×\(cols)") }
+        guard !rowStart.addingReportingOverflow(UInt64(rowCount)).overflow else {
+            throw fail("rowStart \(rowStart) + rowCount \(rowCount) overflows")
+        }
+        guard let expected = payloadByteCount(rows: rowCount, cols: cols, dtype: dtype) else {
+            throw fail("\(rowCount)×\(cols) \(dtype) overflows a byte count")
+        }
+        guard uncompressedBytes == UInt64(expected) else {
+            throw fail("uncompressedBytes \(uncompressedBytes), expected \(expected) for \(rowCount)×\(cols) \(dtype)")
+        }
+        switch compression {
+        case .uncompressed:
+            guard payload.readableBytes == expected else {
+                throw fail("payload is \(payload.readableBytes) bytes, expected \(expected) for \(rowCount)×\(cols) \(dtype)")
+            }
+        case .zstdShuffled:
+            guard payload.readableBytes > 0 else { throw fail("empty compressed payload") }
+        }
+    }
+
+    public func encode(into buffer: inout ByteBuffer) {
+        buffer.writeLittleEndian(layerIndex)
+        buffer.writeLittleEndian(attempt)
+        buffer.writeLittleEndian(rowStart)
+        buffer.writeLittleEndian(rowCount)
+        buffer.writeLittleEndian(cols)
+        buffer.writeLittleEndian(dtype.rawValue)
+        buffer.writeLittleEndian(compression.rawValue)
+        buffer.writeLittleEndian(uncompressedBytes)
+        buffer.writeImmutableBuffer(payload)
+    }
+
+    public init(from buffer: inout ByteBuffer) throws(WireError) {
+        var reader = PayloadReader(Self.messageType, buffer)
+        let layerIndex = try reader.integer("layerIndex", as: UInt32.self)
+        let attempt = try reader.integer("attempt", as: UInt32.self)
+        let rowStart = try reader.integer("rowStart", as: UInt64.self)
+        let rowCount = try reader.integer("rowCount", as: UInt32.self)
+        let cols = try reader.integer("cols", as: UInt64.self)
+        let dtype = try reader.enumeration("dtype", as: WireDType.self)
+        let compression = try reader.enumeration("compression", as: WireCompression.self)
+        let uncompressedBytes = try reader.integer("uncompressedBytes", as: UInt64.self)
+        let payload = reader.rest()
+        buffer = reader.buffer
+        self.init(
+            layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype,
+            compression: compression, uncompressedBytes: uncompressedBytes, payload: payload, attempt: attempt
+        )
+        try validate()
+    }
+}

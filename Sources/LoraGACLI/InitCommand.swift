@@ -1,0 +1,50 @@
+import ArgumentParser
+import Foundation
+import LoRAGACore
+import LoRAGAFormats
+import LoRAGACoordinator
+
+struct InitCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "init",
+        abstract: "Compute LoRA-GA factors from gradient files in this process and write a PEFT adapter.",
+        discussion: """
+            Writes OUT/adapter_model.safetensors and OUT/adapter_config.json (PEFT LoRA), \
+            OUT/lora_ga_report.json (per layer: shape, top singular values, mode, time, fidelity), \
+            and OUT/checkpoints/ (one zstd-compressed checkpoint per finished layer). \
+            Re-running with the same OUT resumes after the last finished layer.
+
+            LoRA-GA factors are not zero: before training, offset every frozen weight by \
+            W ← W − scaling · lora_B @ lora_A (see Scripts/apply_lora_ga.py).
+            """)
+
+    @OptionGroup var lora: LoRAOptions
+
+    @Option(name: .shortAndLong, help: "Output directory.")
+    var out: String
+
+    @Option(help: "Regular expression selecting layers by tensor name (default: every 2-D tensor).")
+    var target: String?
+
+    @Option(help: "dtype of the adapter tensors: f32, bf16 or f16.")
+    var dtype: AdapterDType = .f32
+
+    @Flag(help: "Discard an existing job in OUT instead of resuming it.")
+    var restart = false
+
+    @Argument(help: "Gradient files, or directories holding *.safetensors (searched recursively).")
+    var paths: [String]
+
+    func run() throws {
+        let files = try GradientFileSet(paths: paths, target: target)
+        let settings = lora.settings
+        log("lora-ga init: \(files.files.count) gradient files, \(files.layers.count) layers, rank \(settings.lora.rank), mode \(settings.mode.rawValue) → \(out)")
+        let job = try LocalJob(files: files, settings: settings, outputDirectory: out, restart: restart, progress: log)
+        let clock = ContinuousClock.now
+        let reports = try job.run(adapterDType: dtype.tensorDType)
+        let worst = reports.compactMap(\.fidelityEstimate).max()
+        log("done: \(reports.count) layers in \(ContinuousClock.now - clock)"
+            + (worst.map { String(format: ", worst ratio≈%.4f", $0) } ?? "")
+            + "; adapter in \(out)/\(PEFTAdapter.weightsFileName)")
+    }
+}

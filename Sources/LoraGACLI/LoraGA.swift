@@ -1,0 +1,25 @@
+import ArgumentParser
+import Foundation
+import LoRAGACore
+
+@main
+struct LoraGA: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "lora-ga",
+        abstract: "LoRA-GA initializations from summed gradients, by randomized truncated SVD.",
+        discussion: """
+            Gradients are safetensors files (F32, F16, BF16, F64), one per worker or micro-batch, \
+            each holding per-layer tensors [out, in] named like the module weight \
+            (e.g. encoder.layer.0.attention.self.query.weight). Tensors with the same name are summed.
+
+            Typical use:
+              lora-ga init --rank 8 --out adapter/ grads/worker0 grads/worker1
+              lora-ga verify --adapter adapter/ grads/worker0 grads/worker1
+            """,
+        subcommands: [InitCommand.self, VerifyCommand.self, SynthCommand.self])
+}
+
+/// Progress and diagnostics go to stderr so stdout stays parseable.
+func log(_ line: String) {
+    FileHandle.standardError.write(Data((line + "\n").utf8))
+}

@@ -1,0 +1,18 @@
+import Foundation
+import LoRAGAFormats
+
+/// Paths of the bundled fixtures and scratch directories for system tests.
+enum Fixtures {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures")
+    /// Real gradients of MiniLM (2 workers, BF16, 12 layers); see Fixtures/minilm-sample/README.md.
+    static let minilm = root.appendingPathComponent("minilm-sample")
+    static var minilmWorkers: [String] { ["w0", "w1"].map { minilm.appendingPathComponent($0).path } }
+
+    /// A fresh, empty temporary directory.
+    static func scratch(_ name: String = #function) throws -> String {
+        let safe = name.filter { $0.isLetter || $0.isNumber }
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("lora-ga-tests-\(safe)-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        return path
+    }
+}
