@@ -50,6 +50,7 @@ let package = Package(
             dependencies: [
                 "LoRAGACore", "LoRAGAFormats", "LoRAGAWire",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -73,7 +74,7 @@ let package = Package(
         .executableTarget(
             name: "LoraGAWorkerMain",
             dependencies: [
-                "LoRAGAWorker",
+                "LoRAGAWorker", "LoRAGACoordinator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -69,6 +69,13 @@ public final class CheckpointStore {
         }
     }
 
+    /// The manifest of a job already in `directory`, if any (and readable).
+    public static func existingManifest(in directory: String) -> JobManifest? {
+        let path = ((directory as NSString).appendingPathComponent("checkpoints") as NSString).appendingPathComponent(manifestFileName)
+        guard let data = FileManager.default.contents(atPath: path) else { return nil }
+        return try? JSONDecoder().decode(JobManifest.self, from: data)
+    }
+
     static func difference(_ old: JobManifest, _ new: JobManifest) -> String? {
         if old.formatVersion != new.formatVersion { return "manifest version \(old.formatVersion), this build writes \(new.formatVersion)" }
         if old.settings != new.settings { return "settings differ: it has rank \(old.settings.lora.rank), mode \(old.settings.mode.rawValue), seed \(old.settings.seed); asked rank \(new.settings.lora.rank), mode \(new.settings.mode.rawValue), seed \(new.settings.seed)" }

@@ -146,28 +146,36 @@ public struct SummedRowBlocks: RowBlockSource {
     public var cols: Int { layer.cols }
 
     public mutating func forEachRowBlock(_ body: (RowBlock) throws -> Void) throws {
-        let elementSize = TensorDType(rawValue: layer.dtype)?.byteSize ?? 4
         var start = 0
         while start < layer.rows {
-            let count = Swift.min(blockRows, layer.rows - start)
-            let range = start..<(start + count)
-            try buffer.withUnsafeMutableBufferPointer { whole in
-                let block = UnsafeMutableBufferPointer(rebasing: whole[0..<(count * layer.cols)])
-                try files[0].readRows(layer.name, rows: range, into: block)
-                try SummedRowBlocks.checkFinite(block, file: files[0], layer: layer, rowStart: start)
-                for file in files.dropFirst() {
-                    try file.addRows(layer.name, rows: range, into: block)
-                }
-                // One check per file would need a second buffer; check the sum and, only
-                // if it is bad, find the file that brought the bad value.
-                if files.count > 1, (try? SummedRowBlocks.checkFinite(block, file: files[0], layer: layer, rowStart: start)) == nil {
-                    try SummedRowBlocks.locateNonFinite(files: files, layer: layer, rows: range)
-                }
-                try body(RowBlock(rowStart: start, rowCount: count, cols: layer.cols, values: UnsafeBufferPointer(block)))
-            }
-            bytesRead += count * layer.cols * elementSize * files.count
-            start += count
+            let range = start..<Swift.min(start + blockRows, layer.rows)
+            try withSummedRows(range, body)
+            start = range.upperBound
         }
+    }
+
+    /// Reads rows `range` (at most `blockRows`) summed over every file and passes them to `body`.
+    /// A NaN/Inf is an error naming the file, layer and row.
+    public mutating func withSummedRows<Result>(_ range: Range<Int>, _ body: (RowBlock) throws -> Result) throws -> Result {
+        precondition(range.count <= blockRows && range.upperBound <= layer.rows, "rows \(range) exceed the block size \(blockRows) or the layer's \(layer.rows) rows")
+        let elementSize = TensorDType(rawValue: layer.dtype)?.byteSize ?? 4
+        let (files, layer) = (self.files, self.layer)
+        let result = try buffer.withUnsafeMutableBufferPointer { whole in
+            let block = UnsafeMutableBufferPointer(rebasing: whole[0..<(range.count * layer.cols)])
+            try files[0].readRows(layer.name, rows: range, into: block)
+            try SummedRowBlocks.checkFinite(block, file: files[0], layer: layer, rowStart: range.lowerBound)
+            for file in files.dropFirst() {
+                try file.addRows(layer.name, rows: range, into: block)
+            }
+            // One check per file would need a second buffer; check the sum and, only
+            // if it is bad, find the file that brought the bad value.
+            if files.count > 1, (try? SummedRowBlocks.checkFinite(block, file: files[0], layer: layer, rowStart: range.lowerBound)) == nil {
+                try SummedRowBlocks.locateNonFinite(files: files, layer: layer, rows: range)
+            }
+            return try body(RowBlock(rowStart: range.lowerBound, rowCount: range.count, cols: layer.cols, values: UnsafeBufferPointer(block)))
+        }
+        bytesRead += range.count * layer.cols * elementSize * files.count
+        return result
     }
 
     static func checkFinite(_ block: UnsafeMutableBufferPointer<Float>, file: SafeTensorsFile, layer: GradientLayer, rowStart: Int) throws {

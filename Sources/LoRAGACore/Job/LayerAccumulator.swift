@@ -58,7 +58,9 @@ public struct LayerAccumulator: Sendable {
             var source = InMemoryRowBlocks(g)
             let svd = try randomizedSVD(of: &source, parameters: settings.randomizedSVD, layerName: name)
             let factors = LoRAFactors(svd: svd, configuration: settings.lora)
-            return (factors, svd, try estimatedFidelity(of: source, svd: svd, factors: factors))
+            // The residual pass works per block: blocks of ~8 MB keep its scratch small.
+            let blocked = InMemoryRowBlocks(g, blockRows: Swift.max(1, (8 << 20) / Swift.max(1, 4 * cols)))
+            return (factors, svd, try estimatedFidelity(of: blocked, svd: svd, factors: factors))
         }
         let svd = try sketch!.truncatedSVD()
         return (LoRAFactors(svd: svd, configuration: settings.lora), svd, nil)

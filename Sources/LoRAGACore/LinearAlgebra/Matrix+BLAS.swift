@@ -89,8 +89,10 @@ extension Matrix {
 
     /// c += left[rows of block, :]ᵀ · block, i.e. the contribution of a row block to Lᵀ G
     /// where `left` is rows(G) × k. Used for co-range sketches and Gᵀ Q.
-    public static func accumulateTransposedProduct(_ left: Matrix, _ block: RowBlock, into c: inout Matrix) {
-        precondition(left.cols == c.rows && block.cols == c.cols && block.rowStart + block.rowCount <= left.rows,
+    /// `leftRowOffset` says where the block's rows start in `left` (default: the block's own rows).
+    public static func accumulateTransposedProduct(_ left: Matrix, _ block: RowBlock, into c: inout Matrix, leftRowOffset: Int? = nil) {
+        let offset = leftRowOffset ?? block.rowStart
+        precondition(left.cols == c.rows && block.cols == c.cols && offset + block.rowCount <= left.rows,
                      "shapes disagree in Lᵀ·G accumulation")
         guard block.rowCount > 0, left.cols > 0 else { return }
         left.storage.withUnsafeBufferPointer { lValues in
@@ -98,7 +100,7 @@ extension Matrix {
                 BLAS.gemm(
                     transposeA: true, transposeB: false,
                     m: left.cols, n: block.cols, k: block.rowCount,
-                    a: lValues.baseAddress! + block.rowStart * left.cols, lda: left.cols,
+                    a: lValues.baseAddress! + offset * left.cols, lda: left.cols,
                     b: block.values.baseAddress!, ldb: block.cols,
                     beta: 1,
                     c: cValues.baseAddress!, ldc: c.cols)

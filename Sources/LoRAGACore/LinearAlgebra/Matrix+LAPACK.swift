@@ -27,23 +27,39 @@ extension Matrix {
         guard cols > 0 else { return self }
         // Row-major self is column-major selfᵀ; LAPACK wants column-major self: transpose.
         var columnMajor = transposed().storage
-        var m = Int32(rows), n = Int32(cols), lda = Int32(rows), info: Int32 = 0
-        var tau = [Float](repeating: 0, count: cols)
+        try Matrix.householderQ(&columnMajor, m: rows, n: cols)
+        return Matrix(rows: cols, cols: rows, storage: columnMajor).transposed()
+    }
+
+    /// Pᵀ for P = an orthonormal basis of the row space of a wide matrix (rows ≤ cols), i.e.
+    /// `transposed().orthonormalizedColumns().transposed()` without its three copies: the
+    /// row-major buffer of self already is selfᵀ in LAPACK's column-major layout.
+    public func orthonormalizedRows() throws -> Matrix {
+        precondition(rows <= cols, "orthonormalizedRows needs rows ≤ cols, got \(rows)×\(cols)")
+        guard rows > 0 else { return self }
+        var columnMajor = storage
+        try Matrix.householderQ(&columnMajor, m: cols, n: rows)
+        return Matrix(rows: rows, cols: cols, storage: columnMajor)
+    }
+
+    /// Overwrites a column-major m×n buffer (m ≥ n) with the Q of its QR factorization.
+    static func householderQ(_ a: inout [Float], m rowCount: Int, n columnCount: Int) throws {
+        var m = Int32(rowCount), n = Int32(columnCount), lda = Int32(rowCount), info: Int32 = 0
+        var tau = [Float](repeating: 0, count: columnCount)
         var workSize: Float = 0
         var query: Int32 = -1
-        sgeqrf_(&m, &n, &columnMajor, &lda, &tau, &workSize, &query, &info)
+        sgeqrf_(&m, &n, &a, &lda, &tau, &workSize, &query, &info)
         var lwork = Int32(workSize)
-        var work = [Float](repeating: 0, count: Int(max(lwork, 1)))
-        sgeqrf_(&m, &n, &columnMajor, &lda, &tau, &work, &lwork, &info)
+        var work = [Float](repeating: 0, count: Int(Swift.max(lwork, 1)))
+        sgeqrf_(&m, &n, &a, &lda, &tau, &work, &lwork, &info)
         guard info == 0 else { throw LAPACKError(routine: "sgeqrf", info: info) }
         var k = n
         query = -1
-        sorgqr_(&m, &n, &k, &columnMajor, &lda, &tau, &workSize, &query, &info)
+        sorgqr_(&m, &n, &k, &a, &lda, &tau, &workSize, &query, &info)
         lwork = Int32(workSize)
         if Int(lwork) > work.count { work = [Float](repeating: 0, count: Int(lwork)) }
-        sorgqr_(&m, &n, &k, &columnMajor, &lda, &tau, &work, &lwork, &info)
+        sorgqr_(&m, &n, &k, &a, &lda, &tau, &work, &lwork, &info)
         guard info == 0 else { throw LAPACKError(routine: "sorgqr", info: info) }
-        return Matrix(rows: cols, cols: rows, storage: columnMajor).transposed()
     }
 
     /// Thin SVD by divide and conquer (sgesdd, JOBZ = 'S').

@@ -76,7 +76,8 @@ public struct RangeFinder: Sendable {
     public let parameters: RandomizedSVDParameters
     public let sketchWidth: Int
     private let layerName: String
-    private var passesDone = 0
+    /// Products received so far (the round number of the next request).
+    public private(set) var passesDone = 0
     /// The orthonormal basis that was last sent out; its product is what comes back.
     private var lastBasis: Matrix?
     private var pending: Request?

@@ -22,10 +22,8 @@ public struct SingleViewSketch: Sendable {
     // Test matrices (regenerable, kept for speed): Ω [cols × k], Ξᵀ [cols × s].
     let omega: Matrix
     let xiT: Matrix
-    // Row-indexed test matrices Υᵀ [rows × k], Φᵀ [rows × s]: generated per block on demand
-    // would cost as much as the GEMMs, so they are kept too — still O(rows · s).
-    let upsilonT: Matrix
-    let phiT: Matrix
+    // The row-indexed test matrices Υᵀ [rows × k] and Φᵀ [rows × s] are regenerated for the
+    // rows of each block: b·(k+s) normals against a b·cols·(k+s) GEMM costs nothing.
 
     public private(set) var y: Matrix
     public private(set) var x: Matrix
@@ -49,8 +47,6 @@ public struct SingleViewSketch: Sendable {
         self.generator = generator
         self.omega = generator.matrix(rowCount: cols, width: k, kind: .range)
         self.xiT = generator.matrix(rowCount: cols, width: s, kind: .coreRight)
-        self.upsilonT = generator.matrix(rowCount: rows, width: k, kind: .coRange)
-        self.phiT = generator.matrix(rowCount: rows, width: s, kind: .coreLeft)
         self.y = Matrix(rows: rows, cols: k)
         self.x = Matrix(rows: k, cols: cols)
         self.z = Matrix(rows: s, cols: s)
@@ -58,8 +54,7 @@ public struct SingleViewSketch: Sendable {
 
     /// Floats held by this sketch (state plus test matrices), for memory accounting.
     public var floatCount: Int {
-        omega.storage.count + xiT.storage.count + upsilonT.storage.count + phiT.storage.count
-            + y.storage.count + x.storage.count + z.storage.count
+        omega.storage.count + xiT.storage.count + y.storage.count + x.storage.count + z.storage.count
     }
 
     /// Adds a row block's contribution. Blocks may repeat rows (several workers): sums are linear.
@@ -67,9 +62,10 @@ public struct SingleViewSketch: Sendable {
         precondition(block.cols == cols && block.rowStart + block.rowCount <= rows, "row block \(block.rowRange)×\(block.cols) does not fit sketch \(rows)×\(cols)")
         guard block.rowCount > 0 else { return }
         Matrix.accumulateProduct(block, omega, into: &y, rowOffset: block.rowStart, beta: 1)   // Y[i:j] += G_b Ω
-        Matrix.accumulateTransposedProduct(upsilonT, block, into: &x)                          // X += Υ[:, i:j] G_b
+        let upsilonBlock = generator.rows(block.rowRange, width: width, kind: .coRange)
+        Matrix.accumulateTransposedProduct(upsilonBlock, block, into: &x, leftRowOffset: 0)     // X += Υ[:, i:j] G_b
         let right = Matrix.product(block, xiT)                                                 // G_b Ξᵀ
-        let phiBlock = phiT.rows(block.rowRange)
+        let phiBlock = generator.rows(block.rowRange, width: coreWidth, kind: .coreLeft)
         z.add(Matrix.product(phiBlock, right, transposeA: true))                              // Z += Φ[:, i:j] G_b Ξᵀ
     }
 
@@ -82,6 +78,18 @@ public struct SingleViewSketch: Sendable {
         z.add(other.z)
     }
 
+    /// Φ · Q, regenerating Φᵀ in row chunks rather than holding rows × s of it.
+    func phiTimes(_ q: Matrix) -> Matrix {
+        var result = Matrix(rows: coreWidth, cols: q.cols)
+        let chunk = 1024
+        for start in stride(from: 0, to: rows, by: chunk) {
+            let range = start..<Swift.min(start + chunk, rows)
+            let phiRows = generator.rows(range, width: coreWidth, kind: .coreLeft)
+            result.add(Matrix.product(phiRows, q.rows(range), transposeA: true))
+        }
+        return result
+    }
+
     /// Fixed-rank approximation [[Ĝ]]_t with Ĝ = Q C Pᵀ (Tropp et al. 2019, eq. 4.3 and §5):
     /// Q = orth(Y), P = orth(Xᵀ), C = (ΦQ)† Z ((ΞP)†)ᵀ.
     public func truncatedSVD() throws -> TruncatedSVD {
@@ -90,15 +98,15 @@ public struct SingleViewSketch: Sendable {
         }
         guard y.frobeniusNormSquared > 0 else { throw RandomizedSVDError.zeroMatrix(layer: layerName) }
         let q = try y.orthonormalizedColumns()                                     // rows × k
-        let p = try x.transposed().orthonormalizedColumns()                        // cols × k
-        let phiQ = Matrix.product(phiT, q, transposeA: true)                       // s × k
-        let xiP = Matrix.product(xiT, p, transposeA: true)                         // s × k
+        let pT = try x.orthonormalizedRows()                                       // Pᵀ: k × cols
+        let phiQ = phiTimes(q)                                                     // s × k
+        let xiP = Matrix.product(xiT, pT, transposeA: true, transposeB: true)      // s × k
         let left = try phiQ.leastSquaresSolution(z)                                // k × s = (ΦQ)† Z
         let core = try xiP.leastSquaresSolution(left.transposed()).transposed()    // k × k = left ((ΞP)†)ᵀ
         let small = try core.singularValueDecomposition()
         let t = targetRank
         let u = Matrix.product(q, small.u.columns(0..<t))                          // Q U_c
-        let vt = Matrix.product(small.vt.rows(0..<t), p, transposeB: true)         // V_cᵀ Pᵀ
+        let vt = Matrix.product(small.vt.rows(0..<t), pT)                          // V_cᵀ Pᵀ
         var result = TruncatedSVD(u: u, s: Array(small.s.prefix(t)), vt: vt)
         result.applySignConvention()
         return result

@@ -1,0 +1,490 @@
+import Foundation
+import Logging
+import LoRAGACore
+import LoRAGAFormats
+import LoRAGAWire
+import NIOCore
+
+/// How a coordinator runs a job.
+public struct CoordinatorOptions: Sendable {
+    public var settings: JobSettings
+    public var expectedWorkers: Int
+    public var outputDirectory: String
+    /// Layers open at once.
+    public var window: Int = 2
+    /// dtype shards travel in.
+    public var payloadDType: TensorDType = .f32
+    /// zstd over byte-shuffled shards (pays off on slow networks, not on loopback).
+    public var compressShards = false
+    public var adapterDType: TensorDType = .f32
+    /// How long to wait for all workers to announce before giving up.
+    public var gatherTimeout: Duration = .seconds(600)
+    /// How long a worker that left mid-job may take to come back.
+    public var rejoinTimeout: Duration = .seconds(120)
+    /// Discard an existing job in the output directory.
+    public var restart = false
+
+    public init(settings: JobSettings, expectedWorkers: Int, outputDirectory: String) {
+        self.settings = settings
+        self.expectedWorkers = expectedWorkers
+        self.outputDirectory = outputDirectory
+    }
+}
+
+/// What a finished job reports.
+public struct CoordinatorSummary: Sendable {
+    public var layers: Int
+    public var bytesReceived: Int
+    public var seconds: Double
+    public var worstFidelityEstimate: Double?
+    public var adapterDirectory: String
+}
+
+/// Messages for one connection's writer: a frame to send, or "finish and close".
+public enum Outgoing: Sendable {
+    case message(WireMessage)
+    case close
+}
+
+/// The coordinator's brain: executes `JobStateMachine` actions and owns every layer's
+/// numbers (sums, sketches, range finders) and the checkpoint store. An actor pinned to a
+/// dedicated thread, so BLAS never blocks Swift's cooperative pool or NIO's event loops;
+/// connection tasks await it, which is what turns a slow fold into TCP backpressure.
+public actor CoordinatorEngine {
+    private let computeLoop: any EventLoop
+    public nonisolated var unownedExecutor: UnownedSerialExecutor { computeLoop.executor.asUnownedSerialExecutor() }
+
+    let options: CoordinatorOptions
+    let logger: Logger
+    private var machine: JobStateMachine
+    private var store: CheckpointStore?
+    private var outbound: [JobStateMachine.ConnectionID: AsyncStream<Outgoing>.Continuation] = [:]
+    private var nextConnection = 0
+
+    private struct Progress {
+        var nextRow = 0
+        var shards: UInt32 = 0
+        var checksum = ShardChecksum()
+    }
+
+    // Per open layer.
+    private var accumulators: [Int: LayerAccumulator] = [:]
+    private var staging: [Int: [String: LayerAccumulator]] = [:]
+    private var progress: [Int: [String: Progress]] = [:]
+    private var finders: [Int: RangeFinder] = [:]
+    private var powerReplies: [Int: [String: Matrix]] = [:]
+    private var layerStarted: [Int: ContinuousClock.Instant] = [:]
+    private var layerBytes: [Int: Int] = [:]
+
+    private var scratch: [Float] = []
+    private let codec = ZstdCodec()
+    private var totalBytes = 0
+    private let started = ContinuousClock.now
+    private var outcome: Result<CoordinatorSummary, JobError>?
+    private var waiters: [CheckedContinuation<CoordinatorSummary, Error>] = []
+
+    public init(options: CoordinatorOptions, computeLoop: any EventLoop, logger: Logger) throws {
+        let problems = options.settings.validationErrors()
+        guard problems.isEmpty else { throw JobError(problems.joined(separator: "; ")) }
+        guard options.expectedWorkers >= 1 else { throw JobError("--workers must be at least 1") }
+        self.options = options
+        self.computeLoop = computeLoop
+        self.logger = logger
+        let configuration = JobStateMachine.Configuration(expectedWorkers: options.expectedWorkers, mode: options.settings.mode, window: options.window)
+        // A job already in the output directory is resumed: its manifest fixes the layers.
+        if !options.restart, let manifest = CheckpointStore.existingManifest(in: options.outputDirectory) {
+            let store = try CheckpointStore(directory: options.outputDirectory, settings: options.settings, layers: manifest.layers)
+            let finished = Set(manifest.layers.indices.filter { store.isFinished(manifest.layers[$0]) })
+            self.store = store
+            self.machine = JobStateMachine(configuration: configuration, layers: manifest.layers, finished: finished)
+            logger.info("resuming the job in \(options.outputDirectory): \(finished.count)/\(manifest.layers.count) layers already finished")
+            for dropped in store.droppedLayers { logger.warning("checkpoint of '\(dropped)' failed its checks; it will be recomputed") }
+        } else {
+            self.machine = JobStateMachine(configuration: configuration)
+        }
+    }
+
+    // MARK: - Connections
+
+    /// A new connection: it is challenged first (the nonce feeds authentication).
+    public func connected(_ continuation: AsyncStream<Outgoing>.Continuation) -> JobStateMachine.ConnectionID {
+        nextConnection += 1
+        outbound[nextConnection] = continuation
+        continuation.yield(.message(.challenge(Challenge(nonce: .random()))))
+        return nextConnection
+    }
+
+    public func closed(_ connection: JobStateMachine.ConnectionID) {
+        outbound.removeValue(forKey: connection)?.finish()
+        if let worker = machine.worker(on: connection), outcome == nil {
+            logger.info("worker '\(worker)' disconnected")
+        }
+        perform(machine.connectionClosed(connection))
+    }
+
+    /// A connection's inbound stream failed to decode (garbage, oversize frame): drop it, job unharmed.
+    public func protocolError(_ error: Error, on connection: JobStateMachine.ConnectionID) {
+        logger.warning("connection \(connection)\(machine.worker(on: connection).map { " (worker '\($0)')" } ?? ""): \(error); dropping it")
+        refuse(connection, ErrorMessage(code: .badData, message: "protocol error: \(error)"))
+    }
+
+    public func received(_ message: WireMessage, from connection: JobStateMachine.ConnectionID) {
+        guard outcome == nil else { return }
+        switch message {
+        case .hello(let hello):
+            perform(machine.helloReceived(on: connection, hello))
+        case .announce(let announce):
+            let layers = announce.layers.map { GradientLayer(name: $0.name, rows: Int($0.rows), cols: Int($0.cols), dtype: TensorDType(wire: $0.sourceDType).rawValue) }
+            perform(machine.announced(on: connection, layers: layers))
+            if let worker = machine.worker(on: connection) {
+                logger.info("worker '\(worker)' joined with \(layers.count) layers (\(machine.workerIDs.count)/\(options.expectedWorkers) workers)")
+            }
+        case .shard(let shard):
+            receiveShard(shard, from: connection)
+        case .layerCommit(let commit):
+            receiveCommit(commit, from: connection)
+        case .powerReply(let reply):
+            receivePowerReply(reply, from: connection)
+        case .error(let error):
+            logger.warning("connection \(connection) reported: \(error.code): \(error.message)")
+        case .goodbye:
+            break
+        case .challenge, .jobSpec, .layerBegin, .layerDone, .powerRequest, .jobDone:
+            refuse(connection, ErrorMessage(code: .badData, message: "\(message.type) is a coordinator-to-worker message"))
+        }
+    }
+
+    // MARK: - Data
+
+    private func receiveShard(_ shard: Shard, from connection: JobStateMachine.ConnectionID) {
+        let index = Int(shard.layerIndex)
+        switch machine.shardArrived(on: connection, layer: index, attempt: shard.attempt) {
+        case .ignore:
+            return
+        case .violation(let reason):
+            return refuse(connection, ErrorMessage(code: .badData, message: reason))
+        case .accept(let worker):
+            let layer = machine.layers![index]
+            var state = progress[index]?[worker] ?? Progress()
+            let dtype = TensorDType(wire: shard.dtype)
+            guard shard.cols == UInt64(layer.cols) else {
+                return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)' has \(layer.cols) columns, shard has \(shard.cols)"))
+            }
+            guard shard.rowStart == UInt64(state.nextRow), shard.rowEnd <= UInt64(layer.rows) else {
+                return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': shard rows \(shard.rowStart)..<\(shard.rowEnd), expected rows from \(state.nextRow) within \(layer.rows)"))
+            }
+            guard dtype == options.payloadDType else {
+                return refuse(connection, ErrorMessage(code: .badData, message: "shard dtype \(dtype), the job sends \(options.payloadDType)"))
+            }
+            let rows = Int(shard.rowCount)
+            let count = rows * layer.cols
+            let bytes: [UInt8]
+            do {
+                bytes = try uncompressed(shard, expected: count * dtype.byteSize)
+            } catch {
+                return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': \(error)"))
+            }
+            if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
+            let finite: Int? = bytes.withUnsafeBytes { raw in
+                scratch.withUnsafeMutableBufferPointer { floats in
+                    let block = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
+                    FloatCodec.decode(raw, as: dtype, into: block)
+                    return RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(block)).firstNonFiniteIndex()
+                }
+            }
+            if let bad = finite {
+                let row = Int(shard.rowStart) + bad / layer.cols
+                return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' has a NaN or Inf value in row \(row)"))
+            }
+            bytes.withUnsafeBytes { state.checksum.update($0) }
+            state.nextRow += rows
+            state.shards += 1
+            progress[index, default: [:]][worker] = state
+            scratch.withUnsafeBufferPointer { floats in
+                let block = RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(rebasing: floats[0..<count]))
+                if options.settings.mode == .dense {
+                    accumulators[index]!.add(block)
+                } else {
+                    staging[index, default: [:]][worker, default: accumulators[index]!].add(block)
+                }
+            }
+            layerBytes[index, default: 0] += shard.payload.readableBytes
+            totalBytes += shard.payload.readableBytes
+        }
+    }
+
+    private func uncompressed(_ shard: Shard, expected: Int) throws -> [UInt8] {
+        var payload = shard.payload
+        let raw = payload.readBytes(length: payload.readableBytes) ?? []
+        switch shard.compression {
+        case .uncompressed:
+            return raw
+        case .zstdShuffled:
+            // Shape and dtype were checked against the job before this allocation.
+            let shuffled = try codec.decompress(raw, expectedSize: expected)
+            return shuffled.withUnsafeBytes { ByteShuffle.unshuffle($0, elementSize: TensorDType(wire: shard.dtype).byteSize) }
+        }
+    }
+
+    private func receiveCommit(_ commit: LayerCommit, from connection: JobStateMachine.ConnectionID) {
+        let index = Int(commit.layerIndex)
+        guard let worker = machine.worker(on: connection), let layers = machine.layers, index < layers.count else {
+            return perform(machine.committed(on: connection, layer: index, attempt: commit.attempt, verified: false))
+        }
+        let state = progress[index]?[worker] ?? Progress()
+        let verified = state.nextRow == layers[index].rows && commit.rowCount == UInt64(state.nextRow)
+            && commit.shardCount == state.shards && commit.checksum == state.checksum.value
+        perform(machine.committed(on: connection, layer: index, attempt: commit.attempt, verified: verified))
+    }
+
+    private func receivePowerReply(_ reply: PowerReply, from connection: JobStateMachine.ConnectionID) {
+        let index = Int(reply.layerIndex)
+        switch machine.powerReplyArrived(on: connection, layer: index, round: reply.round) {
+        case .ignore:
+            return
+        case .violation(let reason):
+            return refuse(connection, ErrorMessage(code: .badData, message: reason))
+        case .accept(let worker):
+            let layer = machine.layers![index]
+            let finder = finders[index]!
+            let expectedRows = reply.side == .range ? layer.rows : layer.cols
+            guard Int(reply.matrixRows) == expectedRows, Int(reply.matrixCols) == finder.sketchWidth else {
+                return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)': reply is \(reply.matrixRows)×\(reply.matrixCols), expected \(expectedRows)×\(finder.sketchWidth)"))
+            }
+            let values = reply.values
+            if let bad = values.firstIndex(where: { !$0.isFinite }) {
+                return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' produced NaN/Inf in its power-iteration product (row \(bad / finder.sketchWidth)); its gradient contains non-finite values"))
+            }
+            powerReplies[index, default: [:]][worker] = Matrix(rows: expectedRows, cols: finder.sketchWidth, storage: values)
+            layerBytes[index, default: 0] += reply.payload.readableBytes
+            totalBytes += reply.payload.readableBytes
+            perform(machine.powerReplyStored(layer: index, worker: worker))
+        }
+    }
+
+    // MARK: - Actions
+
+    private func perform(_ actions: [JobStateMachine.Action]) {
+        for action in actions {
+            switch action {
+            case .send(let connection, let message):
+                outbound[connection]?.yield(.message(message))
+            case .refuse(let connection, let error):
+                refuse(connection, error)
+            case .sendJobSpec(let connection):
+                outbound[connection]?.yield(.message(.jobSpec(jobSpec())))
+            case .layersKnown(let layers):
+                do {
+                    store = try CheckpointStore(directory: options.outputDirectory, settings: options.settings, layers: layers, restart: options.restart)
+                    logger.info("job: \(layers.count) layers, rank \(options.settings.lora.rank), mode \(options.settings.mode.rawValue), \(options.expectedWorkers) workers")
+                } catch {
+                    perform(machine.fail("\(error)"))
+                }
+            case .openLayer(let index):
+                openLayer(index)
+            case .restartLayer(let index, let attempt):
+                logger.warning("layer \(index): a worker left mid-layer; its rows are in the sum, so every worker resends it (attempt \(attempt))")
+                progress[index] = [:]
+                openLayer(index)
+            case .dropStaging(let index, let worker):
+                staging[index]?[worker] = nil
+                progress[index]?[worker] = nil
+            case .finalizeLayer(let index):
+                finalize(index, svd: nil)
+            case .powerRoundComplete(let index):
+                completePowerRound(index)
+            case .finishJob:
+                finishJob()
+            case .failJob(let reason):
+                logger.error("job failed: \(reason)")
+                complete(.failure(JobError(reason)))
+            case .startRejoinTimer(let worker):
+                let timeout = options.rejoinTimeout
+                logger.warning("worker '\(worker)' left mid-job; waiting up to \(timeout) for it to come back")
+                Task { [weak self] in
+                    try? await Task.sleep(for: timeout)
+                    await self?.rejoinTimedOut(worker)
+                }
+            }
+        }
+    }
+
+    private func rejoinTimedOut(_ worker: String) {
+        perform(machine.rejoinTimedOut(worker: worker, after: Double(options.rejoinTimeout.components.seconds)))
+    }
+
+    /// Starts the gather deadline; call once when the server listens.
+    public func startGatherTimer() {
+        let timeout = options.gatherTimeout
+        Task { [weak self] in
+            try? await Task.sleep(for: timeout)
+            await self?.gatherTimedOut(timeout)
+        }
+    }
+
+    private func gatherTimedOut(_ timeout: Duration) {
+        guard machine.phase == .gathering else { return }
+        perform(machine.fail("only \(machine.workerIDs.count) of \(options.expectedWorkers) workers joined within \(timeout) (\(machine.workerIDs.joined(separator: ", ")))"))
+    }
+
+    private func refuse(_ connection: JobStateMachine.ConnectionID, _ error: ErrorMessage) {
+        if let worker = machine.worker(on: connection) {
+            logger.warning("refusing worker '\(worker)': \(error.message)")
+        } else {
+            logger.warning("refusing connection \(connection): \(error.message)")
+        }
+        outbound[connection]?.yield(.message(.error(error)))
+        outbound[connection]?.yield(.close)
+    }
+
+    private func jobSpec() -> JobSpec {
+        let settings = options.settings
+        let width = settings.mode == .sketch ? settings.sketchWidth : 2 * settings.lora.rank + settings.oversampling
+        return JobSpec(
+            jobID: options.outputDirectory, mode: WireJobMode(settings.mode), rank: UInt32(settings.lora.rank),
+            sketchWidth: UInt32(width), seed: settings.seed, powerIterations: UInt32(settings.passes), rowsPerShard: 0,
+            payloadDType: WireDType(options.payloadDType), compression: options.compressShards ? .zstdShuffled : .uncompressed,
+            skipLayers: machine.finishedLayerNames)
+    }
+
+    private func openLayer(_ index: Int) {
+        let layer = machine.layers![index]
+        layerStarted[index] = layerStarted[index] ?? .now
+        do {
+            switch options.settings.mode {
+            case .dense, .sketch:
+                accumulators[index] = try LayerAccumulator(name: layer.name, rows: layer.rows, cols: layer.cols, settings: options.settings)
+                staging[index] = [:]
+            case .power:
+                var finder = try RangeFinder(rows: layer.rows, cols: layer.cols, parameters: options.settings.randomizedSVD, layerName: layer.name)
+                let step = finder.start()
+                finders[index] = finder
+                advancePower(index, step: step, round: 0)
+            }
+        } catch {
+            perform(machine.fail("\(error)"))
+        }
+    }
+
+    private func advancePower(_ index: Int, step: RangeFinder.Step, round: UInt32) {
+        switch step {
+        case .finished(let svd):
+            finalize(index, svd: svd)
+        case .need(let request):
+            let message: PowerRequest
+            switch request {
+            case .range(let x):
+                message = PowerRequest(layerIndex: UInt32(index), round: round, side: .range, matrixRows: UInt32(x.rows), matrixCols: UInt32(x.cols), values: x.storage)
+            case .coRange(let x):
+                message = PowerRequest(layerIndex: UInt32(index), round: round, side: .corange, matrixRows: UInt32(x.rows), matrixCols: UInt32(x.cols), values: x.storage)
+            }
+            powerReplies[index] = [:]
+            perform(machine.powerRequestReady(layer: index, message))
+        }
+    }
+
+    private func completePowerRound(_ index: Int) {
+        guard let replies = powerReplies[index], var finder = finders[index] else { return }
+        // Sum in worker-id order: the same inputs give the same bits, whoever answered first.
+        var sum: Matrix?
+        for worker in replies.keys.sorted() {
+            if sum == nil { sum = replies[worker] } else { sum!.add(replies[worker]!) }
+        }
+        let round = UInt32(finder.passesDone)
+        do {
+            let step = try finder.advance(with: sum!)
+            finders[index] = finder
+            advancePower(index, step: step, round: round)
+        } catch {
+            perform(machine.fail("\(error)"))
+        }
+    }
+
+    private func finalize(_ index: Int, svd powerResult: TruncatedSVD?) {
+        let layer = machine.layers![index]
+        let settings = options.settings
+        do {
+            let factors: LoRAFactors
+            let svd: TruncatedSVD
+            let fidelity: Double?
+            if let powerResult {
+                svd = powerResult
+                factors = LoRAFactors(svd: svd, configuration: settings.lora)
+                fidelity = nil   // ‖Σ G_w‖ is not linear in the workers' data: verify measures it
+            } else if settings.mode == .sketch {
+                // Merge in worker-id order so the result does not depend on arrival order.
+                var merged = accumulators[index]!
+                for worker in (staging[index] ?? [:]).keys.sorted() { merged.merge(staging[index]![worker]!) }
+                (factors, svd, fidelity) = try merged.finish(settings: settings)
+            } else {
+                (factors, svd, fidelity) = try accumulators[index]!.finish(settings: settings)
+            }
+            let seconds = (layerStarted[index].map { ContinuousClock.now - $0 }).map { Double($0.components.seconds) + Double($0.components.attoseconds) * 1e-18 } ?? 0
+            let report = LayerReport(name: layer.name, outFeatures: layer.rows, inFeatures: layer.cols, mode: settings.mode,
+                                     singularValues: svd.s.map(Double.init), fidelityEstimate: fidelity, seconds: seconds, bytesIn: layerBytes[index] ?? 0)
+            try store!.record(layer: layer, factors: factors, svd: svd, report: report)
+            let done = machine.finished.count + 1
+            logger.info("[\(done)/\(machine.layers!.count)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received"))")
+        } catch {
+            return perform(machine.fail("layer '\(layer.name)': \(error)"))
+        }
+        accumulators[index] = nil
+        staging[index] = nil
+        progress[index] = nil
+        finders[index] = nil
+        powerReplies[index] = nil
+        layerStarted[index] = nil
+        layerBytes[index] = nil
+        perform(machine.layerFinalized(index))
+    }
+
+    private func finishJob() {
+        do {
+            try store!.writeAdapter(dtype: options.adapterDType, extraReport: ["workers": "\(options.expectedWorkers)"])
+        } catch {
+            return perform(machine.fail("writing the adapter: \(error)"))
+        }
+        let layers = machine.layers!.count
+        let path = (options.outputDirectory as NSString).appendingPathComponent(PEFTAdapter.weightsFileName)
+        for continuation in outbound.values {
+            continuation.yield(.message(.jobDone(JobDone(adapterPath: path, layers: UInt32(layers)))))
+            continuation.yield(.close)
+        }
+        let elapsed = ContinuousClock.now - started
+        let summary = CoordinatorSummary(
+            layers: layers, bytesReceived: totalBytes,
+            seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18,
+            worstFidelityEstimate: store!.finishedReports.compactMap(\.fidelityEstimate).max(),
+            adapterDirectory: options.outputDirectory)
+        complete(.success(summary))
+    }
+
+    private func complete(_ result: Result<CoordinatorSummary, JobError>) {
+        guard outcome == nil else { return }
+        outcome = result
+        if case .failure = result {
+            for continuation in outbound.values { continuation.yield(.close) }
+        }
+        for waiter in waiters { waiter.resume(with: result.mapError { $0 as Error }) }
+        waiters = []
+    }
+
+    /// Returns when the job has finished (adapter written) or failed.
+    public func result() async throws -> CoordinatorSummary {
+        if let outcome { return try outcome.get() }
+        return try await withCheckedThrowingContinuation { waiters.append($0) }
+    }
+}
+
+// The wire names dtypes and modes exactly as Formats and Core spell them.
+extension TensorDType {
+    init(wire: WireDType) { self = TensorDType(rawValue: wire.description)! }
+}
+
+extension WireDType {
+    init(_ dtype: TensorDType) { self = WireDType.allCases.first { $0.description == dtype.rawValue } ?? .f32 }
+}
+
+extension WireJobMode {
+    init(_ mode: SVDMode) { self = WireJobMode.allCases.first { $0.description == mode.rawValue }! }
+}

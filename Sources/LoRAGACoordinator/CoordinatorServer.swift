@@ -1,0 +1,153 @@
+import Logging
+import LoRAGAWire
+import NIOCore
+import NIOPosix
+
+/// The coordinator's TCP side: accepts workers, frames messages, and hands them to the
+/// engine one at a time per connection (so a busy engine slows the sender down through
+/// TCP, never by buffering). Returns when the job has finished or failed.
+public struct CoordinatorServer {
+    public let host: String
+    public let port: Int
+    public let options: CoordinatorOptions
+    public let maxFrameLength: Int
+    public var logger: Logger
+
+    public init(host: String, port: Int, options: CoordinatorOptions, maxFrameLength: Int = WireProtocol.defaultMaxFrameLength, logger: Logger) {
+        self.host = host
+        self.port = port
+        self.options = options
+        self.maxFrameLength = maxFrameLength
+        self.logger = logger
+    }
+
+    /// Binds, runs the job, and returns its summary. `onListening` gets the bound port (useful with port 0).
+    public func run(onListening: @Sendable (Int) async -> Void = { _ in }) async throws -> CoordinatorSummary {
+        let computeGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        do {
+            let summary = try await run(computeGroup: computeGroup, onListening: onListening)
+            try? await computeGroup.shutdownGracefully()
+            return summary
+        } catch {
+            try? await computeGroup.shutdownGracefully()
+            throw error
+        }
+    }
+
+    private func run(computeGroup: MultiThreadedEventLoopGroup, onListening: @Sendable (Int) async -> Void) async throws -> CoordinatorSummary {
+        let engine = try CoordinatorEngine(options: options, computeLoop: computeGroup.next(), logger: logger)
+        let maxFrameLength = self.maxFrameLength
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .bind(host: host, port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maxFrameLength: maxFrameLength)))
+                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder(maxFrameLength: maxFrameLength)))
+                    return try NIOAsyncChannel<WireMessage, WireMessage>(
+                        wrappingChannelSynchronously: channel,
+                        configuration: .init(isOutboundHalfClosureEnabled: true))
+                }
+            }
+        let boundPort = server.channel.localAddress?.port ?? port
+        logger.info("listening on \(host):\(boundPort), waiting for \(options.expectedWorkers) workers")
+        await engine.startGatherTimer()
+        await onListening(boundPort)
+
+        return try await withThrowingTaskGroup(of: CoordinatorSummary?.self) { group in
+            group.addTask {
+                try await withThrowingDiscardingTaskGroup { connections in
+                    try await server.executeThenClose { inbound in
+                        for try await connection in inbound {
+                            connections.addTask { await CoordinatorServer.serve(connection, engine: engine) }
+                        }
+                    }
+                }
+                return nil
+            }
+            group.addTask {
+                // The job's end: give connections a moment to deliver JobDone / errors, then stop accepting.
+                do {
+                    let summary = try await engine.result()
+                    try? await Task.sleep(for: .milliseconds(500))
+                    return summary
+                } catch {
+                    try? await Task.sleep(for: .milliseconds(500))
+                    throw error
+                }
+            }
+            var outcome: CoordinatorSummary?
+            do {
+                while let next = try await group.next() {
+                    if let summary = next {
+                        outcome = summary
+                        break
+                    }
+                }
+            } catch {
+                group.cancelAll()
+                throw error
+            }
+            group.cancelAll()
+            guard let outcome else { throw JobError("the coordinator stopped listening before the job finished") }
+            return outcome
+        }
+    }
+
+    /// Which half of a connection ended first.
+    enum Side: Sendable {
+        case reader, readerFailed, writer, timer
+    }
+
+/// One connection: a reader feeding the engine and a writer draining its outbox.
+    static func serve(_ connection: NIOAsyncChannel<WireMessage, WireMessage>, engine: CoordinatorEngine) async {
+        let (outbox, continuation) = AsyncStream<Outgoing>.makeStream()
+        let id = await engine.connected(continuation)
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                try await withThrowingTaskGroup(of: Side.self) { group in
+                    group.addTask {
+                        for await item in outbox {
+                            switch item {
+                            case .message(let message):
+                                try await outbound.write(message)
+                            case .close:
+                                // Half-close: pending frames are flushed first, then the peer sees EOF.
+                                outbound.finish()
+                                return .writer
+                            }
+                        }
+                        outbound.finish()
+                        return .writer
+                    }
+                    group.addTask {
+                        do {
+                            for try await message in inbound {
+                                await engine.received(message, from: id)
+                            }
+                        } catch let error as WireError {
+                            // Garbage or an oversized frame: answer with the reason; the writer then closes.
+                            await engine.protocolError(error, on: id)
+                            return .readerFailed
+                        }
+                        return .reader
+                    }
+                    var first = try await group.next()
+                    if first == .readerFailed { first = try await group.next() }
+                    if first == .writer {
+                        // We closed: let the peer read our last frame and hang up, but not forever.
+                        group.addTask {
+                            try? await Task.sleep(for: .seconds(2))
+                            return .timer
+                        }
+                        _ = try await group.next()
+                    }
+                    group.cancelAll()
+                }
+            }
+        } catch {
+            // The connection's end is reported to the engine below; errors were logged there.
+        }
+        await engine.closed(id)
+    }
+}

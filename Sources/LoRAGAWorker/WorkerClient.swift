@@ -1,0 +1,270 @@
+import Foundation
+import Logging
+import LoRAGACore
+import LoRAGAFormats
+import LoRAGAWire
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// How a worker joins a job.
+public struct WorkerOptions: Sendable {
+    public var host: String
+    public var port: Int
+    public var id: String
+    /// Gradient files or directories; same-named tensors are summed locally before sending.
+    public var gradientPaths: [String]
+    /// Keep trying to reach the coordinator this long (first connect and reconnects).
+    public var connectTimeout: Duration = .seconds(300)
+    public var maxFrameLength = WireProtocol.defaultMaxFrameLength
+    /// Shard payload size to aim for.
+    public var shardBytes = 4 << 20
+
+    public init(host: String, port: Int, id: String, gradientPaths: [String]) {
+        self.host = host
+        self.port = port
+        self.id = id
+        self.gradientPaths = gradientPaths
+    }
+}
+
+public struct WorkerSummary: Sendable {
+    public var layersSent: Int
+    public var powerReplies: Int
+    /// Payload bytes sent (shards and power replies), over every connection.
+    public var bytesSent: Int
+    public var connections: Int
+    public var adapterPath: String
+}
+
+/// Why a worker stopped without the job finishing.
+public struct WorkerError: Error, CustomStringConvertible {
+    public let message: String
+    /// The coordinator refused this worker (bad id, shapes, secret…): retrying cannot help.
+    public let isFinal: Bool
+    public var description: String { message }
+}
+
+/// A worker: reads its gradient files and serves the coordinator's requests — stream a
+/// layer's row blocks (dense, sketch) or multiply its gradient by a matrix (power) — until
+/// the job is done. Reconnects with backoff when the connection drops; everything it sends
+/// for a layer counts only after its commit, so resending is always safe.
+public struct WorkerClient {
+    public let options: WorkerOptions
+    public var logger: Logger
+
+    public init(options: WorkerOptions, logger: Logger) {
+        self.options = options
+        self.logger = logger
+    }
+
+    public func run() async throws -> WorkerSummary {
+        BLAS.configureThreads()
+        let gradients = try GradientReader(paths: options.gradientPaths)
+        logger.info("worker '\(options.id)': \(gradients.files.files.count) gradient files, \(gradients.files.layers.count) layers")
+        let pool = NIOThreadPool(numberOfThreads: 1)
+        pool.start()
+        defer { pool.shutdownGracefully { _ in } }
+        var summary = WorkerSummary(layersSent: 0, powerReplies: 0, bytesSent: 0, connections: 0, adapterPath: "")
+        let sessionNonce = UInt64.random(in: 0...UInt64.max)
+        var deadline = ContinuousClock.now + options.connectTimeout
+        var delay = Duration.milliseconds(100)
+        while true {
+            let channel: NIOAsyncChannel<WireMessage, WireMessage>
+            do {
+                channel = try await connect()
+            } catch {
+                guard ContinuousClock.now < deadline else {
+                    throw WorkerError(message: "could not reach the coordinator at \(options.host):\(options.port) within \(options.connectTimeout): \(error)", isFinal: true)
+                }
+                logger.info("coordinator at \(options.host):\(options.port) not reachable (\(error)); retrying in \(delay)")
+                try await Task.sleep(for: delay)
+                delay = min(delay * 2, .seconds(5))
+                continue
+            }
+            summary.connections += 1
+            delay = .milliseconds(100)
+            do {
+                if let path = try await serve(channel, gradients: gradients, pool: pool, sessionNonce: sessionNonce, summary: &summary) {
+                    summary.adapterPath = path
+                    return summary
+                }
+                logger.warning("connection to the coordinator lost; reconnecting")
+            } catch let error as WorkerError where error.isFinal {
+                throw error
+            } catch {
+                logger.warning("connection to the coordinator failed (\(error)); reconnecting")
+            }
+            deadline = ContinuousClock.now + options.connectTimeout
+        }
+    }
+
+    private func connect() async throws -> NIOAsyncChannel<WireMessage, WireMessage> {
+        let maxFrameLength = options.maxFrameLength
+        return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .connectTimeout(.seconds(5))
+            .connect(host: options.host, port: options.port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maxFrameLength: maxFrameLength)))
+                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder(maxFrameLength: maxFrameLength)))
+                    return try NIOAsyncChannel<WireMessage, WireMessage>(
+                        wrappingChannelSynchronously: channel,
+                        configuration: .init(isOutboundHalfClosureEnabled: true))
+                }
+            }
+    }
+
+    /// One connection's conversation. Returns the adapter path when the job is done, nil if
+    /// the connection ended early (reconnect), throws a final `WorkerError` when refused.
+    private func serve(_ channel: NIOAsyncChannel<WireMessage, WireMessage>, gradients: GradientReader, pool: NIOThreadPool,
+                       sessionNonce: UInt64, summary: inout WorkerSummary) async throws -> String? {
+        try await channel.executeThenClose { inbound, outbound in
+            var messages = inbound.makeAsyncIterator()
+            guard case .challenge = try await messages.next() else {
+                throw WorkerError(message: "the peer at \(options.host):\(options.port) is not a lora-ga coordinator (no challenge)", isFinal: true)
+            }
+            try await outbound.write(.hello(Hello(protocolVersion: WireProtocol.version, workerID: options.id, sessionNonce: sessionNonce, authProof: .zero)))
+            let spec: JobSpec
+            switch try await messages.next() {
+            case .jobSpec(let received): spec = received
+            case .error(let error): throw WorkerError(message: "the coordinator refused worker '\(options.id)': \(error.message)", isFinal: true)
+            case nil: return nil
+            case let other?: throw WorkerError(message: "expected JobSpec, got \(other.type)", isFinal: true)
+            }
+            logger.info("joined job: mode \(spec.mode), rank \(spec.rank), \(spec.skipLayers.count) layers already finished")
+            try await outbound.write(.announce(Announce(layers: gradients.announcement)))
+            // The coordinator names each layer in LayerBegin; power requests refer to it by index.
+            var layerByIndex: [UInt32: GradientLayer] = [:]
+            while let message = try await messages.next() {
+                switch message {
+                case .layerBegin(let begin):
+                    guard let layer = gradients.files.layers.first(where: { $0.name == begin.name }) else {
+                        throw WorkerError(message: "the coordinator asked for layer '\(begin.name)', which this worker's files do not hold", isFinal: true)
+                    }
+                    layerByIndex[begin.layerIndex] = layer
+                    if spec.mode != .power {
+                        summary.bytesSent += try await sendLayer(begin, layer: layer, spec: spec, gradients: gradients, pool: pool, outbound: outbound)
+                        summary.layersSent += 1
+                    }
+                case .powerRequest(let request):
+                    guard let layer = layerByIndex[request.layerIndex] else {
+                        throw WorkerError(message: "power request for layer \(request.layerIndex) before its LayerBegin", isFinal: true)
+                    }
+                    let reply = try await pool.runIfActive { try gradients.answer(request, layer: layer) }
+                    try await outbound.write(.powerReply(reply))
+                    summary.bytesSent += reply.payload.readableBytes
+                    summary.powerReplies += 1
+                case .layerDone(let done):
+                    logger.debug("layer \(done.layerIndex) done")
+                case .jobDone(let done):
+                    logger.info("job done: adapter at \(done.adapterPath) (\(done.layers) layers)")
+                    outbound.finish()
+                    return done.adapterPath
+                case .error(let error):
+                    throw WorkerError(message: "coordinator: \(error.message)", isFinal: error.code != .badData)
+                case .goodbye:
+                    return nil
+                case .challenge, .jobSpec, .hello, .announce, .shard, .layerCommit, .powerReply:
+                    throw WorkerError(message: "unexpected \(message.type) from the coordinator", isFinal: true)
+                }
+            }
+            return nil
+        }
+    }
+
+    /// Streams one layer as shards, reading the next shard while the current one is written.
+    private func sendLayer(_ begin: LayerBegin, layer: GradientLayer, spec: JobSpec, gradients: GradientReader, pool: NIOThreadPool,
+                           outbound: NIOAsyncChannelOutboundWriter<WireMessage>) async throws -> Int {
+        let dtype = TensorDType(rawValue: spec.payloadDType.description) ?? .f32
+        let rowsPerShard = Swift.max(1, Swift.min(layer.rows, options.shardBytes / Swift.max(1, layer.cols * dtype.byteSize)))
+        let ranges = stride(from: 0, to: layer.rows, by: rowsPerShard).map { $0..<Swift.min($0 + rowsPerShard, layer.rows) }
+        let compress = spec.compression == .zstdShuffled
+        func read(_ range: Range<Int>) -> Task<EncodedShard, Error> {
+            Task { try await pool.runIfActive { try gradients.encode(layer, rows: range, as: dtype, compress: compress) } }
+        }
+        var checksum = ShardChecksum()
+        var sent = 0
+        var next = read(ranges[0])
+        for (position, range) in ranges.enumerated() {
+            let shard = try await next.value
+            if position + 1 < ranges.count { next = read(ranges[position + 1]) }
+            checksum.update(shard.uncompressed)
+            let payload = shard.compressed ?? shard.uncompressed
+            try await outbound.write(.shard(Shard(
+                layerIndex: begin.layerIndex, rowStart: UInt64(range.lowerBound), rowCount: UInt32(range.count), cols: UInt64(layer.cols),
+                dtype: spec.payloadDType, compression: shard.compressed == nil ? .uncompressed : .zstdShuffled,
+                uncompressedBytes: UInt64(shard.uncompressed.readableBytes), payload: payload, attempt: begin.attempt)))
+            sent += payload.readableBytes
+        }
+        try await outbound.write(.layerCommit(LayerCommit(layerIndex: begin.layerIndex, shardCount: UInt32(ranges.count), rowCount: UInt64(layer.rows), checksum: checksum.value, attempt: begin.attempt)))
+        logger.info("sent layer \(begin.layerIndex) '\(layer.name)' (\(layer.rows)×\(layer.cols), \(sent / 1_000_000) MB\(begin.attempt > 0 ? ", attempt \(begin.attempt)" : ""))")
+        return sent
+    }
+}
+
+struct EncodedShard: Sendable {
+    var uncompressed: ByteBuffer
+    var compressed: ByteBuffer?
+}
+
+/// The worker's gradient files behind a lock: reads run on the worker's compute thread,
+/// one at a time (file readers and the zstd context are not thread-safe).
+final class GradientReader: @unchecked Sendable {
+    let files: GradientFileSet
+    private let lock = NIOLock()
+    private var sources: [String: SummedRowBlocks] = [:]
+    private let codec = ZstdCodec()
+
+    init(paths: [String]) throws {
+        files = try GradientFileSet(paths: paths)
+    }
+
+    var announcement: [LayerInfo] {
+        files.layers.map { layer in
+            LayerInfo(name: layer.name, rows: UInt64(layer.rows), cols: UInt64(layer.cols),
+                      sourceDType: WireDType.allCases.first { $0.description == layer.dtype } ?? .f32)
+        }
+    }
+
+    private func withSource<T>(_ layer: GradientLayer, blockRows: Int? = nil, _ body: (inout SummedRowBlocks) throws -> T) rethrows -> T {
+        try lock.withLock {
+            var source = sources[layer.name] ?? files.rowBlocks(of: layer)
+            if let blockRows, source.blockRows < blockRows {
+                source = SummedRowBlocks(files: files.files, layer: layer, blockRows: blockRows)
+            }
+            defer { sources[layer.name] = source }
+            return try body(&source)
+        }
+    }
+
+    /// Rows `range` of the summed layer in the payload dtype, plus a zstd'd shuffled copy when asked.
+    func encode(_ layer: GradientLayer, rows range: Range<Int>, as dtype: TensorDType, compress: Bool) throws -> EncodedShard {
+        try withSource(layer, blockRows: range.count) { source in
+            try source.withSummedRows(range) { block in
+                var buffer = ByteBufferAllocator().buffer(capacity: block.values.count * dtype.byteSize)
+                buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: block.values.count * dtype.byteSize) { raw in
+                    FloatCodec.encode(block.values, as: dtype, into: raw)
+                    return block.values.count * dtype.byteSize
+                }
+                guard compress else { return EncodedShard(uncompressed: buffer, compressed: nil) }
+                let shuffled = buffer.withUnsafeReadableBytes { ByteShuffle.shuffle($0, elementSize: dtype.byteSize) }
+                let packed = try codec.compress(shuffled, level: 1)   // already under the lock
+                return EncodedShard(uncompressed: buffer, compressed: ByteBuffer(bytes: packed))
+            }
+        }
+    }
+
+    /// G_w · X or G_wᵀ · X for a power-iteration request on `layer`.
+    func answer(_ request: PowerRequest, layer: GradientLayer) throws -> PowerReply {
+        let x = Matrix(rows: Int(request.matrixRows), cols: Int(request.matrixCols), storage: request.values)
+        let product: Matrix = try withSource(layer) { source in
+            switch request.side {
+            case .range: return try source.product(with: x)
+            case .corange: return try source.transposedProduct(with: x)
+            }
+        }
+        return PowerReply(layerIndex: request.layerIndex, round: request.round, side: request.side,
+                          matrixRows: UInt32(product.rows), matrixCols: UInt32(product.cols), values: product.storage)
+    }
+}

@@ -1,0 +1,60 @@
+import ArgumentParser
+import Foundation
+import Logging
+import LoRAGACore
+import LoRAGACoordinator
+import LoRAGAWorker
+
+@main
+struct WorkerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "lora-ga-worker",
+        abstract: "Worker daemon: streams this node's per-layer gradients to lora-ga-coord.",
+        discussion: """
+            Reads the safetensors gradient files under --grads (same-named tensors are summed \
+            locally), joins the coordinator's job and serves it layer by layer: row-block shards \
+            in dense and sketch mode, products with its gradient in power mode. Retries while the \
+            coordinator is unreachable (--connect-timeout) and reconnects after a dropped \
+            connection; exits 0 when the adapter is written, 1 with the reason otherwise.
+
+            Settings may also come from LORA_GA_<NAME> environment variables or a JSON --config file.
+            """)
+
+    @Option(help: "JSON config file (keys are the flag names).") var config: String?
+    @Option(help: "Coordinator address HOST:PORT (default 127.0.0.1:7070).") var connect: String?
+    @Option(help: "Gradient file or directory (repeatable; directories are searched for *.safetensors).") var grads: [String] = []
+    @Option(help: "This worker's id, unique in the job (default: hostname-pid).") var id: String?
+    @Option(help: "Seconds to keep trying to reach the coordinator (default 300).") var connectTimeout: Double?
+
+    func run() async throws {
+        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+        var logger = Logger(label: "lora-ga-worker")
+        logger.logLevel = .info
+        do {
+            let settings = try LayeredSettings(configFile: config)
+            let address = settings.text("connect", flag: connect)?.value ?? "127.0.0.1:7070"
+            let (host, port) = try LayeredSettings.hostAndPort(address, setting: "connect")
+            var paths = grads
+            if paths.isEmpty, let fromSettings = settings.text("grads", flag: nil)?.value {
+                paths = fromSettings.split(separator: ",").map(String.init)
+            }
+            guard !paths.isEmpty else { throw JobError(LayeredSettings.missing("grads")) }
+            let workerID = settings.text("id", flag: id)?.value ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
+            logger[metadataKey: "worker"] = "\(workerID)"
+            var options = WorkerOptions(host: host, port: port, id: workerID, gradientPaths: paths)
+            if let (text, source) = settings.text("connect-timeout", flag: connectTimeout.map { "\($0)" }) {
+                guard let seconds = Double(text), seconds >= 0 else { throw JobError("\(source): '\(text)' is not a number of seconds") }
+                options.connectTimeout = .seconds(seconds)
+            }
+            let summary = try await WorkerClient(options: options, logger: logger).run()
+            logger.info("""
+                done: \(summary.layersSent) layers sent, \(summary.powerReplies) power replies, \
+                \(String(format: "%.1f", Double(summary.bytesSent) / 1e6)) MB sent over \(summary.connections) connection(s), \
+                peak RSS \(ResourceUsage.peakResidentBytes / 1_000_000) MB, CPU \(String(format: "%.1f", ResourceUsage.cpuSeconds)) s
+                """)
+        } catch {
+            logger.error("\(error)")
+            throw ExitCode(1)
+        }
+    }
+}
