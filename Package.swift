@@ -66,7 +66,7 @@ let package = Package(
         .executableTarget(
             name: "LoraGACoord",
             dependencies: [
-                "LoRAGACoordinator",
+                "LoRAGACoordinator", "LoRAGAFormats",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -74,7 +74,7 @@ let package = Package(
         .executableTarget(
             name: "LoraGAWorkerMain",
             dependencies: [
-                "LoRAGAWorker", "LoRAGACoordinator",
+                "LoRAGAWorker", "LoRAGACoordinator", "LoRAGAFormats",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -89,6 +89,10 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),
             ]
+        ),
+        .testTarget(
+            name: "LoRAGACoordinatorTests",
+            dependencies: ["LoRAGACoordinator", "LoRAGAWire", "LoRAGAFormats", "LoRAGACore"]
         ),
         .testTarget(
             name: "LoRAGASystemTests",

@@ -104,6 +104,9 @@ public actor CoordinatorEngine {
         }
     }
 
+    /// Workers that have announced and are counted in the job (for progress and tests).
+    public var joinedWorkers: [String] { machine.workerIDs }
+
     // MARK: - Connections
 
     /// A new connection: it is challenged first (the nonce feeds authentication).

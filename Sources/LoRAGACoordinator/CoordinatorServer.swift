@@ -21,8 +21,8 @@ public struct CoordinatorServer {
         self.logger = logger
     }
 
-    /// Binds, runs the job, and returns its summary. `onListening` gets the bound port (useful with port 0).
-    public func run(onListening: @Sendable (Int) async -> Void = { _ in }) async throws -> CoordinatorSummary {
+    /// Binds, runs the job, and returns its summary. `onListening` gets the bound port (useful with port 0) and the engine.
+    public func run(onListening: @Sendable (Int, CoordinatorEngine) async -> Void = { _, _ in }) async throws -> CoordinatorSummary {
         let computeGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         do {
             let summary = try await run(computeGroup: computeGroup, onListening: onListening)
@@ -34,7 +34,7 @@ public struct CoordinatorServer {
         }
     }
 
-    private func run(computeGroup: MultiThreadedEventLoopGroup, onListening: @Sendable (Int) async -> Void) async throws -> CoordinatorSummary {
+    private func run(computeGroup: MultiThreadedEventLoopGroup, onListening: @Sendable (Int, CoordinatorEngine) async -> Void) async throws -> CoordinatorSummary {
         let engine = try CoordinatorEngine(options: options, computeLoop: computeGroup.next(), logger: logger)
         let maxFrameLength = self.maxFrameLength
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -52,7 +52,7 @@ public struct CoordinatorServer {
         let boundPort = server.channel.localAddress?.port ?? port
         logger.info("listening on \(host):\(boundPort), waiting for \(options.expectedWorkers) workers")
         await engine.startGatherTimer()
-        await onListening(boundPort)
+        await onListening(boundPort, engine)
 
         return try await withThrowingTaskGroup(of: CoordinatorSummary?.self) { group in
             group.addTask {

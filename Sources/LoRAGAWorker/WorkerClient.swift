@@ -35,6 +35,8 @@ public struct WorkerSummary: Sendable {
     public var bytesSent: Int
     public var connections: Int
     public var adapterPath: String
+    /// Size of this worker's gradient files.
+    public var inputBytes: Int
 }
 
 /// Why a worker stopped without the job finishing.
@@ -65,7 +67,7 @@ public struct WorkerClient {
         let pool = NIOThreadPool(numberOfThreads: 1)
         pool.start()
         defer { pool.shutdownGracefully { _ in } }
-        var summary = WorkerSummary(layersSent: 0, powerReplies: 0, bytesSent: 0, connections: 0, adapterPath: "")
+        var summary = WorkerSummary(layersSent: 0, powerReplies: 0, bytesSent: 0, connections: 0, adapterPath: "", inputBytes: gradients.inputBytes)
         let sessionNonce = UInt64.random(in: 0...UInt64.max)
         var deadline = ContinuousClock.now + options.connectTimeout
         var delay = Duration.milliseconds(100)
@@ -218,6 +220,12 @@ final class GradientReader: @unchecked Sendable {
 
     init(paths: [String]) throws {
         files = try GradientFileSet(paths: paths)
+    }
+
+    var inputBytes: Int {
+        files.files.reduce(0) { total, file in
+            total + ((try? FileManager.default.attributesOfItem(atPath: file.path)[.size] as? Int) ?? 0)
+        }
     }
 
     var announcement: [LayerInfo] {

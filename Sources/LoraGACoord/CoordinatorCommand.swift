@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import LoRAGACore
 import LoRAGACoordinator
+import LoRAGAFormats
 
 @main
 struct CoordinatorCommand: AsyncParsableCommand {
@@ -44,6 +45,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
     @Option(help: "Seconds a worker that left may take to come back (default 120).") var rejoinTimeout: Double?
     @Flag(help: "Discard an existing job in OUT instead of resuming it.") var restart = false
     @Option(help: "Write the bound port to this file once listening.") var portFile: String?
+    @Option(help: "Write a JSON summary (layers, bytes, peak RSS, CPU) here at the end.") var summaryFile: String?
 
     func run() async throws {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
@@ -64,7 +66,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
             BLAS.configureThreads()
             let server = CoordinatorServer(host: settings.host, port: settings.port, options: settings.options, logger: logger)
             let portFile = settings.portFile
-            let summary = try await server.run { port in
+            let summary = try await server.run { port, _ in
                 if let portFile { try? "\(port)\n".write(toFile: portFile, atomically: true, encoding: .utf8) }
             }
             let megabytes = Double(summary.bytesReceived) / 1e6
@@ -74,6 +76,9 @@ struct CoordinatorCommand: AsyncParsableCommand {
                 peak RSS \(ResourceUsage.peakResidentBytes / 1_000_000) MB, CPU \(String(format: "%.1f", ResourceUsage.cpuSeconds)) s\
                 \(summary.worstFidelityEstimate.map { String(format: ", worst ratio≈%.4f", $0) } ?? ""); adapter in \(summary.adapterDirectory)
                 """)
+            if let summaryFile {
+                try ProcessSummary(role: "coordinator", bytes: summary.bytesReceived, seconds: summary.seconds).write(to: summaryFile)
+            }
         } catch {
             logger.error("\(error)")
             throw ExitCode(1)

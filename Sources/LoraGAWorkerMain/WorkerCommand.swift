@@ -4,6 +4,7 @@ import Logging
 import LoRAGACore
 import LoRAGACoordinator
 import LoRAGAWorker
+import LoRAGAFormats
 
 @main
 struct WorkerCommand: AsyncParsableCommand {
@@ -25,11 +26,13 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(help: "Gradient file or directory (repeatable; directories are searched for *.safetensors).") var grads: [String] = []
     @Option(help: "This worker's id, unique in the job (default: hostname-pid).") var id: String?
     @Option(help: "Seconds to keep trying to reach the coordinator (default 300).") var connectTimeout: Double?
+    @Option(help: "Write a JSON summary (bytes sent, peak RSS, CPU) here at the end.") var summaryFile: String?
 
     func run() async throws {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         var logger = Logger(label: "lora-ga-worker")
         logger.logLevel = .info
+        let started = ContinuousClock.now
         do {
             let settings = try LayeredSettings(configFile: config)
             let address = settings.text("connect", flag: connect)?.value ?? "127.0.0.1:7070"
@@ -52,6 +55,11 @@ struct WorkerCommand: AsyncParsableCommand {
                 \(String(format: "%.1f", Double(summary.bytesSent) / 1e6)) MB sent over \(summary.connections) connection(s), \
                 peak RSS \(ResourceUsage.peakResidentBytes / 1_000_000) MB, CPU \(String(format: "%.1f", ResourceUsage.cpuSeconds)) s
                 """)
+            if let summaryFile {
+                let elapsed = ContinuousClock.now - started
+                try ProcessSummary(role: workerID, bytes: summary.bytesSent, seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18,
+                                   inputBytes: summary.inputBytes).write(to: summaryFile)
+            }
         } catch {
             logger.error("\(error)")
             throw ExitCode(1)

@@ -1,0 +1,181 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import Testing
+import LoRAGACore
+import LoRAGAFormats
+import LoRAGACoordinator
+import LoRAGAWorker
+
+/// Coordinator and workers end to end over real loopback TCP, in one test process.
+@Suite(.serialized) struct DistributedJobTests {
+    static let quiet: Logger = {
+        var logger = Logger(label: "test")
+        logger.logLevel = .critical
+        return logger
+    }()
+
+    /// Three workers' worth of the MiniLM sample: w0 as is, and w1 split into two exact halves (F32).
+    static func threeWorkerShares() throws -> [String] {
+        let dir = try Fixtures.scratch("shares")
+        let w1 = try SafeTensorsFile(path: Fixtures.minilm.appendingPathComponent("w1/grads.safetensors").path)
+        var tensors: [(spec: SafeTensorsWriter.TensorSpec, values: [Float])] = []
+        for info in w1.tensors {
+            let halves = try w1.readAll(info.name).map { $0 / 2 }   // halving is exact in binary floating point
+            tensors.append((.init(name: info.name, dtype: .f32, shape: info.shape), halves))
+        }
+        for half in ["a", "b"] {
+            try FileManager.default.createDirectory(atPath: "\(dir)/\(half)", withIntermediateDirectories: true)
+            try SafeTensorsWriter.write(path: "\(dir)/\(half)/grads.safetensors", tensors: tensors)
+        }
+        return [Fixtures.minilmWorkers[0], "\(dir)/a", "\(dir)/b"]
+    }
+
+    struct Run {
+        var summary: CoordinatorSummary
+        var workers: [Result<WorkerSummary, Error>]
+    }
+
+    /// Runs a coordinator and one worker per share; `beforeWorker` may delay or inject peers.
+    static func run(mode: SVDMode, shares: [String], rank: Int = 8, out: String,
+                    extraPeers: @escaping @Sendable (Int, CoordinatorEngine) async -> Void = { _, _ in }) async throws -> Run {
+        var options = CoordinatorOptions(settings: JobSettings(lora: LoRAConfiguration(rank: rank, alpha: Double(2 * rank)), mode: mode),
+                                         expectedWorkers: shares.count, outputDirectory: out)
+        options.gatherTimeout = .seconds(60)
+        let server = CoordinatorServer(host: "127.0.0.1", port: 0, options: options, logger: quiet)
+        let (ports, continuation) = AsyncStream<(Int, CoordinatorEngine)>.makeStream()
+        async let summary = server.run { port, engine in continuation.yield((port, engine)) }
+        var iterator = ports.makeAsyncIterator()
+        let (port, engine) = await iterator.next()!
+        let peersDone = Gate()
+        let workers = await withTaskGroup(of: (Int, Result<WorkerSummary, Error>).self) { group in
+            for (index, share) in shares.enumerated() {
+                group.addTask {
+                    if index > 0 {
+                        // The first worker's announcement is the job's reference layer set; the
+                        // others join after the extra peers have had their turn.
+                        while await engine.joinedWorkers.count < 1 { try? await Task.sleep(for: .milliseconds(10)) }
+                        await peersDone.wait()
+                    }
+                    var workerOptions = WorkerOptions(host: "127.0.0.1", port: port, id: "w\(index)", gradientPaths: [share])
+                    workerOptions.connectTimeout = .seconds(20)
+                    let client = WorkerClient(options: workerOptions, logger: quiet)
+                    do { return (index, .success(try await client.run())) } catch { return (index, .failure(error)) }
+                }
+            }
+            group.addTask {
+                await extraPeers(port, engine)
+                await peersDone.open()
+                return (-1, .failure(CancellationError()))
+            }
+            var results: [Int: Result<WorkerSummary, Error>] = [:]
+            for await (index, result) in group where index >= 0 { results[index] = result }
+            return (0..<shares.count).map { results[$0]! }
+        }
+        return Run(summary: try await summary, workers: workers)
+    }
+
+    func verify(_ out: String, paths: [String] = Fixtures.minilmWorkers) throws -> [AdapterVerifier.LayerResult] {
+        try AdapterVerifier(files: GradientFileSet(paths: paths), adapterDirectory: out, plantedSpectrumPaths: []).verify()
+    }
+
+    @Test(arguments: [SVDMode.dense, .sketch, .power])
+    func threeWorkersMatchTheSingleProcessJob(mode: SVDMode) async throws {
+        let shares = try Self.threeWorkerShares()
+        let out = try Fixtures.scratch("dist-\(mode)")
+        let run = try await Self.run(mode: mode, shares: shares, out: out)
+        #expect(run.summary.layers == 12)
+        for result in run.workers { #expect((try? result.get()) != nil, "\(result)") }
+        let bound = mode == .sketch ? 1.05 : 1.01
+        let distributed = try verify(out)
+        for result in distributed { #expect(result.ratio <= bound, "\(result.name): \(result.ratio)") }
+        // The same gradient in one process (w0 + w1 = w0 + w1/2 + w1/2): same fidelity to 1e-3;
+        // bits differ because the shares are added, or multiplied, in another order.
+        let local = try Fixtures.scratch("local-\(mode)")
+        _ = try LocalJob(files: GradientFileSet(paths: Fixtures.minilmWorkers), settings: JobSettings(lora: LoRAConfiguration(rank: 8, alpha: 16), mode: mode), outputDirectory: local).run()
+        for (a, b) in zip(distributed, try verify(local)) { #expect(abs(a.ratio - b.ratio) < 1e-3, "\(a.name)") }
+        if mode == .power {
+            // Power mode sends (out+in)·k per round instead of the layer.
+            let sent = run.workers.compactMap { try? $0.get() }.map(\.bytesSent)
+            #expect(sent.allSatisfy { $0 > 0 })
+        }
+    }
+
+    @Test func twoWorkersInDenseModeGiveTheSingleProcessAdapterBitForBit() async throws {
+        let out = try Fixtures.scratch("dist-bits")
+        _ = try await Self.run(mode: .dense, shares: Fixtures.minilmWorkers, out: out)
+        let local = try Fixtures.scratch("local-bits")
+        _ = try LocalJob(files: GradientFileSet(paths: Fixtures.minilmWorkers), settings: JobSettings(lora: LoRAConfiguration(rank: 8, alpha: 16), mode: .dense), outputDirectory: local).run()
+        // Two addends commute exactly, and the workers send F32 sums of BF16 values.
+        #expect(try Data(contentsOf: URL(fileURLWithPath: out + "/adapter_model.safetensors")) == Data(contentsOf: URL(fileURLWithPath: local + "/adapter_model.safetensors")))
+    }
+
+    @Test func badPeersAreRefusedAndTheJobStillFinishes() async throws {
+        let out = try Fixtures.scratch("bad-peers")
+        let wrongShape = try Fixtures.scratch("wrong-shape")
+        // A worker whose files hold one layer in another shape.
+        let w0 = try SafeTensorsFile(path: Fixtures.minilm.appendingPathComponent("w0/grads.safetensors").path)
+        var tensors: [(spec: SafeTensorsWriter.TensorSpec, values: [Float])] = []
+        for info in w0.tensors {
+            let shape = info.name.hasSuffix("0.attention.self.key.weight") ? [info.shape[1] / 2, info.shape[0] * 2] : info.shape
+            tensors.append((.init(name: info.name, dtype: .f32, shape: shape), try w0.readAll(info.name)))
+        }
+        try SafeTensorsWriter.write(path: wrongShape + "/grads.safetensors", tensors: tensors)
+        let refusals = RefusalLog()
+        let run = try await Self.run(mode: .dense, shares: Fixtures.minilmWorkers, out: out) { port, engine in
+            while await engine.joinedWorkers.count < 1 { try? await Task.sleep(for: .milliseconds(10)) }
+            // 1. garbage bytes from a stray client
+            await refusals.record("garbage", await Self.sendGarbage(port: port))
+            // 2. a worker with a different shape, 3. a second worker with an id already connected
+            for (id, paths) in [("shape", [wrongShape]), ("w0", Fixtures.minilmWorkers)] {
+                var options = WorkerOptions(host: "127.0.0.1", port: port, id: id, gradientPaths: paths)
+                options.connectTimeout = .seconds(5)
+                do {
+                    _ = try await WorkerClient(options: options, logger: Self.quiet).run()
+                    await refusals.record(id, "finished?!")
+                } catch {
+                    await refusals.record(id, "\(error)")
+                }
+            }
+        }
+        #expect(run.summary.layers == 12)
+        for result in try verify(out) { #expect(result.ratio <= 1.01) }
+        let log = await refusals.entries
+        #expect(log["garbage"]?.contains("closed") == true, "\(log)")
+        #expect(log["shape"]?.contains("layer 'encoder.layer.0.attention.self.key.weight' is 192×768, but 384×384") == true, "\(log)")
+        #expect(log["w0"]?.contains("'w0' is already connected") == true, "\(log)")
+    }
+
+    actor Gate {
+        var isOpen = false
+        func open() { isOpen = true }
+        func wait() async { while !isOpen { try? await Task.sleep(for: .milliseconds(10)) } }
+    }
+
+    actor RefusalLog {
+        var entries: [String: String] = [:]
+        func record(_ key: String, _ value: String) { entries[key] = value }
+    }
+
+    /// Connects, sends a frame header announcing 1 GiB plus noise, and reports how the coordinator answered.
+    static func sendGarbage(port: Int) async -> String {
+        do {
+            let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .connect(host: "127.0.0.1", port: port) { channel in
+                    channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel) }
+                }
+            return try await channel.executeThenClose { inbound, outbound in
+                var bytes = ByteBuffer()
+                bytes.writeInteger(UInt32(1 << 30), endianness: .little)
+                bytes.writeBytes([UInt8](repeating: 0xAB, count: 64))
+                try await outbound.write(bytes)
+                var received = 0
+                for try await chunk in inbound { received += chunk.readableBytes }
+                return "closed after \(received) bytes"
+            }
+        } catch {
+            return "closed with \(error)"
+        }
+    }
+}
