@@ -46,7 +46,9 @@ USAGE
   are copied to NEW_BASE_DIR so the result loads with from_pretrained.
 
   Exit status: 0 success; 1 --check found a mismatch; 2 bad input (missing module,
-  shape mismatch, unreadable file, non-finite result, ...).
+  shape mismatch, unreadable file, non-finite result, ...).  Names and shapes are all
+  checked before anything is written; each shard is written to a temp file and renamed,
+  so an error later leaves only complete shards (rerun with --force).
 
 EXAMPLE
   lora-ga init --rank 8 -o lora-ga-out grads/

@@ -32,6 +32,9 @@ WHAT
     same average.  collect_gradients() runs under ddp_model.no_sync() so each rank
     writes its own local sum; do the same if you drive the loop yourself.
   * FSDP / DeepSpeed ZeRO-3 shard parameters: record on an unsharded model instead.
+  * With (reentrant) gradient checkpointing and frozen embeddings, call
+    model.enable_input_require_grads() first, or checkpointed layers get no gradient
+    (save() warns about layers that got none and writes them as zeros).
   * Sum vs mean, and the loss's own batch averaging, do not change LoRA-GA's singular
     vectors; the metadata records micro_batches so a mean can be taken later.
 
