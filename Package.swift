@@ -15,6 +15,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
     ],
     targets: [
         .systemLibrary(
@@ -34,6 +36,7 @@ let package = Package(
             dependencies: [
                 "LoRAGACore",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
         .target(
@@ -66,7 +69,8 @@ let package = Package(
         .executableTarget(
             name: "LoraGACoord",
             dependencies: [
-                "LoRAGACoordinator", "LoRAGAFormats",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                "LoRAGACoordinator", "LoRAGAFormats", "LoRAGAWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -74,7 +78,8 @@ let package = Package(
         .executableTarget(
             name: "LoraGAWorkerMain",
             dependencies: [
-                "LoRAGAWorker", "LoRAGACoordinator", "LoRAGAFormats",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                "LoRAGAWorker", "LoRAGACoordinator", "LoRAGAFormats", "LoRAGAWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -96,7 +101,12 @@ let package = Package(
         ),
         .testTarget(
             name: "LoRAGASystemTests",
-            dependencies: ["LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker"],
+            dependencies: [
+                "LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker", "LoRAGAWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             exclude: ["Fixtures"]
         ),
     ]

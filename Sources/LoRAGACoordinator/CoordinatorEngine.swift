@@ -23,6 +23,8 @@ public struct CoordinatorOptions: Sendable {
     public var rejoinTimeout: Duration = .seconds(120)
     /// Discard an existing job in the output directory.
     public var restart = false
+    /// When set, every worker must prove it knows this secret before it can send anything.
+    public var secret: JobSecret?
 
     public init(settings: JobSettings, expectedWorkers: Int, outputDirectory: String) {
         self.settings = settings
@@ -59,6 +61,7 @@ public actor CoordinatorEngine {
     private var machine: JobStateMachine
     private var store: CheckpointStore?
     private var outbound: [JobStateMachine.ConnectionID: AsyncStream<Outgoing>.Continuation] = [:]
+    private var challenges: [JobStateMachine.ConnectionID: Bytes32] = [:]
     private var nextConnection = 0
 
     private struct Progress {
@@ -69,7 +72,6 @@ public actor CoordinatorEngine {
 
     // Per open layer.
     private var accumulators: [Int: LayerAccumulator] = [:]
-    private var staging: [Int: [String: LayerAccumulator]] = [:]
     private var progress: [Int: [String: Progress]] = [:]
     private var finders: [Int: RangeFinder] = [:]
     private var powerReplies: [Int: [String: Matrix]] = [:]
@@ -113,12 +115,15 @@ public actor CoordinatorEngine {
     public func connected(_ continuation: AsyncStream<Outgoing>.Continuation) -> JobStateMachine.ConnectionID {
         nextConnection += 1
         outbound[nextConnection] = continuation
-        continuation.yield(.message(.challenge(Challenge(nonce: .random()))))
+        let nonce = Bytes32.random()
+        challenges[nextConnection] = nonce
+        continuation.yield(.message(.challenge(Challenge(nonce: nonce))))
         return nextConnection
     }
 
     public func closed(_ connection: JobStateMachine.ConnectionID) {
         outbound.removeValue(forKey: connection)?.finish()
+        challenges[connection] = nil
         if let worker = machine.worker(on: connection), outcome == nil {
             logger.info("worker '\(worker)' disconnected")
         }
@@ -135,6 +140,12 @@ public actor CoordinatorEngine {
         guard outcome == nil else { return }
         switch message {
         case .hello(let hello):
+            // Authenticate before anything else: an unauthenticated peer never reaches the job.
+            if let secret = options.secret {
+                guard let challenge = challenges.removeValue(forKey: connection), secret.verify(hello, challenge: challenge) else {
+                    return refuse(connection, ErrorMessage(code: .badAuth, message: "authentication failed for worker '\(hello.workerID)': wrong or missing shared secret (--secret-file / LORA_GA_SECRET_FILE)"))
+                }
+            }
             perform(machine.helloReceived(on: connection, hello))
         case .announce(let announce):
             let layers = announce.layers.map { GradientLayer(name: $0.name, rows: Int($0.rows), cols: Int($0.cols), dtype: TensorDType(wire: $0.sourceDType).rawValue) }
@@ -205,11 +216,7 @@ public actor CoordinatorEngine {
             progress[index, default: [:]][worker] = state
             scratch.withUnsafeBufferPointer { floats in
                 let block = RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(rebasing: floats[0..<count]))
-                if options.settings.mode == .dense {
-                    accumulators[index]!.add(block)
-                } else {
-                    staging[index, default: [:]][worker, default: accumulators[index]!].add(block)
-                }
+                accumulators[index]!.add(block)
             }
             layerBytes[index, default: 0] += shard.payload.readableBytes
             totalBytes += shard.payload.readableBytes
@@ -286,12 +293,10 @@ public actor CoordinatorEngine {
             case .openLayer(let index):
                 openLayer(index)
             case .restartLayer(let index, let attempt):
-                logger.warning("layer \(index): a worker left mid-layer; its rows are in the sum, so every worker resends it (attempt \(attempt))")
+                logger.warning("layer \(index): a worker left mid-layer; its rows are already folded in, so every worker resends the layer (attempt \(attempt))")
                 progress[index] = [:]
+                layerBytes[index] = 0
                 openLayer(index)
-            case .dropStaging(let index, let worker):
-                staging[index]?[worker] = nil
-                progress[index]?[worker] = nil
             case .finalizeLayer(let index):
                 finalize(index, svd: nil)
             case .powerRoundComplete(let index):
@@ -357,7 +362,6 @@ public actor CoordinatorEngine {
             switch options.settings.mode {
             case .dense, .sketch:
                 accumulators[index] = try LayerAccumulator(name: layer.name, rows: layer.rows, cols: layer.cols, settings: options.settings)
-                staging[index] = [:]
             case .power:
                 var finder = try RangeFinder(rows: layer.rows, cols: layer.cols, parameters: options.settings.randomizedSVD, layerName: layer.name)
                 let step = finder.start()
@@ -414,11 +418,6 @@ public actor CoordinatorEngine {
                 svd = powerResult
                 factors = LoRAFactors(svd: svd, configuration: settings.lora)
                 fidelity = nil   // ‖Σ G_w‖ is not linear in the workers' data: verify measures it
-            } else if settings.mode == .sketch {
-                // Merge in worker-id order so the result does not depend on arrival order.
-                var merged = accumulators[index]!
-                for worker in (staging[index] ?? [:]).keys.sorted() { merged.merge(staging[index]![worker]!) }
-                (factors, svd, fidelity) = try merged.finish(settings: settings)
             } else {
                 (factors, svd, fidelity) = try accumulators[index]!.finish(settings: settings)
             }
@@ -432,7 +431,6 @@ public actor CoordinatorEngine {
             return perform(machine.fail("layer '\(layer.name)': \(error)"))
         }
         accumulators[index] = nil
-        staging[index] = nil
         progress[index] = nil
         finders[index] = nil
         powerReplies[index] = nil

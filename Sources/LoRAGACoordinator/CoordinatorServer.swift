@@ -44,9 +44,11 @@ public struct CoordinatorServer {
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maxFrameLength: maxFrameLength)))
                     try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder(maxFrameLength: maxFrameLength)))
+                    // Few frames buffered per connection (a shard is ~4 MB): a busy engine turns
+                    // into TCP backpressure quickly instead of into coordinator memory.
                     return try NIOAsyncChannel<WireMessage, WireMessage>(
                         wrappingChannelSynchronously: channel,
-                        configuration: .init(isOutboundHalfClosureEnabled: true))
+                        configuration: .init(backPressureStrategy: .init(lowWatermark: 1, highWatermark: 2), isOutboundHalfClosureEnabled: true))
                 }
             }
         let boundPort = server.channel.localAddress?.port ?? port

@@ -1,5 +1,6 @@
 import LoRAGACore
 import LoRAGAFormats
+import LoRAGAWire
 
 extension SVDMode: LosslessStringConvertible {
     public init?(_ description: String) { self.init(rawValue: description) }
@@ -23,7 +24,7 @@ public struct CoordinatorSettings: Sendable {
     public static let keys = [
         "listen", "workers", "out", "rank", "alpha", "rslora", "direction", "scale", "gamma", "mode",
         "oversampling", "passes", "sketch-width", "seed", "window", "payload-dtype", "compress",
-        "adapter-dtype", "gather-timeout", "rejoin-timeout", "restart", "port-file",
+        "adapter-dtype", "gather-timeout", "rejoin-timeout", "restart", "port-file", "secret-file", "insecure",
     ]
 
     /// - Parameter flags: values given on the command line, keyed like `keys`.
@@ -66,12 +67,22 @@ public struct CoordinatorSettings: Sendable {
         options.gatherTimeout = .seconds(try get("gather-timeout", 600.0))
         options.rejoinTimeout = .seconds(try get("rejoin-timeout", 120.0))
         options.restart = try get("restart", false)
+        if let secretFile: String = try optional("secret-file") {
+            options.secret = try JobSecret(file: secretFile)
+        } else if !(try get("insecure", false)) && !CoordinatorSettings.isLoopback(host) {
+            throw JobError("refusing to listen on \(host) without a shared secret: anyone who can reach it could add gradients. Give --secret-file (or LORA_GA_SECRET_FILE), or --insecure on a network you trust")
+        }
         let problems = job.validationErrors() + (workers < 1 ? ["workers must be at least 1"] : []) + (options.window < 1 ? ["window must be at least 1"] : [])
         guard problems.isEmpty else { throw JobError(problems.joined(separator: "; ")) }
         self.host = host
         self.port = port
         self.portFile = try optional("port-file")
         self.options = options
+    }
+
+    /// 127.0.0.0/8, ::1 and localhost: reachable from this machine only.
+    public static func isLoopback(_ host: String) -> Bool {
+        host == "localhost" || host == "::1" || host.hasPrefix("127.")
     }
 
     static func dtype(_ name: String, key: String) throws -> TensorDType {

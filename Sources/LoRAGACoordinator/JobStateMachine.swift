@@ -11,9 +11,9 @@ import LoRAGAWire
 /// - every worker announces the same layers (names, shapes) — the first announcement, or
 ///   the manifest of a resumed job, is the reference;
 /// - at most `window` layers are open; a layer finalizes when every worker committed it;
-/// - a contribution counts only on commit; a worker lost mid-layer has its partial
-///   contribution discarded (dense: the layer restarts under a new attempt for everyone,
-///   because the sum cannot be un-added; sketch: its staging is dropped) and resends.
+/// - a layer finalizes only on every worker's verified commit; a worker lost mid-layer has
+///   its partial contribution discarded: the layer restarts under a new attempt for everyone,
+///   because rows already folded into a sum or sketch cannot be taken out again.
 public struct JobStateMachine: Sendable {
     public typealias ConnectionID = Int
 
@@ -39,10 +39,8 @@ public struct JobStateMachine: Sendable {
         case layersKnown([GradientLayer])
         /// Allocate the layer's accumulator (dense, sketch) or start its range finder (power).
         case openLayer(Int)
-        /// Dense: zero the layer's sum; every worker resends under `attempt`.
+        /// Zero the layer's sum or sketch; every worker resends under `attempt`.
         case restartLayer(Int, attempt: UInt32)
-        /// Sketch: forget this worker's uncommitted staging of the layer.
-        case dropStaging(layer: Int, worker: String)
         /// Every worker committed: compute factors, checkpoint, then report `layerFinalized`.
         case finalizeLayer(Int)
         /// Power: every worker answered the outstanding request of this layer.
@@ -308,20 +306,15 @@ public struct JobStateMachine: Sendable {
         guard phase == .running, wasActive else { return [] }
         var actions: [Action] = [.startRejoinTimer(worker: worker)]
         for index in open.keys.sorted() where open[index]!.dirty.contains(worker) && !open[index]!.committed.contains(worker) {
-            switch configuration.mode {
-            case .dense:
-                // Its rows are already in the sum: start the layer over for everyone.
-                let attempt = open[index]!.attempt + 1
-                open[index] = OpenLayer(attempt: attempt)
-                actions.append(.restartLayer(index, attempt: attempt))
-                if let layers {
-                    actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(index), name: layers[index].name, attempt: attempt)))
-                }
-            case .sketch:
-                open[index]!.dirty.remove(worker)
-                actions.append(.dropStaging(layer: index, worker: worker))
-            case .power:
-                break
+            // Dense sums and sketches both fold rows in as they arrive (memory stays one layer's
+            // state however many workers there are), so a partial contribution cannot be taken
+            // out again: the layer starts over under a new attempt for everyone.
+            guard configuration.mode != .power else { continue }
+            let attempt = open[index]!.attempt + 1
+            open[index] = OpenLayer(attempt: attempt)
+            actions.append(.restartLayer(index, attempt: attempt))
+            if let layers {
+                actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(index), name: layers[index].name, attempt: attempt)))
             }
         }
         return actions

@@ -19,6 +19,8 @@ public struct WorkerOptions: Sendable {
     public var maxFrameLength = WireProtocol.defaultMaxFrameLength
     /// Shard payload size to aim for.
     public var shardBytes = 4 << 20
+    /// The job's shared secret, when the coordinator requires one.
+    public var secret: JobSecret?
 
     public init(host: String, port: Int, id: String, gradientPaths: [String]) {
         self.host = host
@@ -123,10 +125,11 @@ public struct WorkerClient {
                        sessionNonce: UInt64, summary: inout WorkerSummary) async throws -> String? {
         try await channel.executeThenClose { inbound, outbound in
             var messages = inbound.makeAsyncIterator()
-            guard case .challenge = try await messages.next() else {
+            guard case .challenge(let challenge) = try await messages.next() else {
                 throw WorkerError(message: "the peer at \(options.host):\(options.port) is not a lora-ga coordinator (no challenge)", isFinal: true)
             }
-            try await outbound.write(.hello(Hello(protocolVersion: WireProtocol.version, workerID: options.id, sessionNonce: sessionNonce, authProof: .zero)))
+            let proof = options.secret?.proof(challenge: challenge.nonce, workerID: options.id, sessionNonce: sessionNonce) ?? .zero
+            try await outbound.write(.hello(Hello(protocolVersion: WireProtocol.version, workerID: options.id, sessionNonce: sessionNonce, authProof: proof)))
             let spec: JobSpec
             switch try await messages.next() {
             case .jobSpec(let received): spec = received

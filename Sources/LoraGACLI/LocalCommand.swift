@@ -58,6 +58,12 @@ struct LocalCommand: ParsableCommand {
         try FileManager.default.createDirectory(at: scratch, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: scratch) }
         let portFile = scratch.appendingPathComponent("port").path
+        // A fresh secret per run: the local job authenticates its workers like a cluster job does.
+        let secretFile = scratch.appendingPathComponent("secret").path
+        let secret = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+        guard FileManager.default.createFile(atPath: secretFile, contents: Data(secret.utf8), attributes: [.posixPermissions: 0o600]) else {
+            throw ValidationError("cannot write \(secretFile)")
+        }
         let settings = lora.settings
         var coordinatorArguments = [
             "--listen", "127.0.0.1:0", "--port-file", portFile, "--workers", "\(workers)", "--out", out,
@@ -65,6 +71,7 @@ struct LocalCommand: ParsableCommand {
             "--scale", settings.lora.scale.name, "--mode", settings.mode.rawValue, "--oversampling", "\(settings.oversampling)",
             "--passes", "\(settings.passes)", "--sketch-width", "\(settings.sketchWidth)", "--seed", "\(settings.seed)",
             "--payload-dtype", payloadDtype.rawValue, "--summary-file", scratch.appendingPathComponent("coordinator.json").path,
+            "--secret-file", secretFile,
         ]
         if case .stable(let gamma) = settings.lora.scale { coordinatorArguments += ["--gamma", "\(gamma)"] }
         if settings.lora.useRSLoRA { coordinatorArguments.append("--rslora") }
@@ -84,7 +91,8 @@ struct LocalCommand: ParsableCommand {
             Thread.sleep(forTimeInterval: 0.05)
         }
         let workerProcesses = try shares.enumerated().map { index, share in
-            try launch(workerPath, ["--connect", "127.0.0.1:\(port!)", "--id", "worker\(index)", "--summary-file", scratch.appendingPathComponent("worker\(index).json").path]
+            try launch(workerPath, ["--connect", "127.0.0.1:\(port!)", "--id", "worker\(index)", "--secret-file", secretFile,
+                                    "--summary-file", scratch.appendingPathComponent("worker\(index).json").path]
                 + share.flatMap { ["--grads", $0] })
         }
         coordinator.waitUntilExit()

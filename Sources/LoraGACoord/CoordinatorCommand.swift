@@ -46,6 +46,8 @@ struct CoordinatorCommand: AsyncParsableCommand {
     @Flag(help: "Discard an existing job in OUT instead of resuming it.") var restart = false
     @Option(help: "Write the bound port to this file once listening.") var portFile: String?
     @Option(help: "Write a JSON summary (layers, bytes, peak RSS, CPU) here at the end.") var summaryFile: String?
+    @Option(help: "File holding the job's shared secret (≥ 16 bytes; also LORA_GA_SECRET_FILE). Workers must prove they know it.") var secretFile: String?
+    @Flag(help: "Allow listening on a non-loopback address without a secret (trusted networks only).") var insecure = false
 
     func run() async throws {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
@@ -58,6 +60,8 @@ struct CoordinatorCommand: AsyncParsableCommand {
         put("oversampling", oversampling); put("passes", passes); put("sketch-width", sketchWidth); put("seed", seed)
         put("window", window); put("payload-dtype", payloadDtype); put("adapter-dtype", adapterDtype)
         put("gather-timeout", gatherTimeout); put("rejoin-timeout", rejoinTimeout); put("port-file", portFile)
+        put("secret-file", secretFile)
+        if insecure { flags["insecure"] = "true" }
         if rslora { flags["rslora"] = "true" }
         if compress { flags["compress"] = "true" }
         if restart { flags["restart"] = "true" }

@@ -5,6 +5,7 @@ import LoRAGACore
 import LoRAGACoordinator
 import LoRAGAWorker
 import LoRAGAFormats
+import LoRAGAWire
 
 @main
 struct WorkerCommand: AsyncParsableCommand {
@@ -27,6 +28,7 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(help: "This worker's id, unique in the job (default: hostname-pid).") var id: String?
     @Option(help: "Seconds to keep trying to reach the coordinator (default 300).") var connectTimeout: Double?
     @Option(help: "Write a JSON summary (bytes sent, peak RSS, CPU) here at the end.") var summaryFile: String?
+    @Option(help: "File holding the job's shared secret (also LORA_GA_SECRET_FILE).") var secretFile: String?
 
     func run() async throws {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
@@ -48,6 +50,9 @@ struct WorkerCommand: AsyncParsableCommand {
             if let (text, source) = settings.text("connect-timeout", flag: connectTimeout.map { "\($0)" }) {
                 guard let seconds = Double(text), seconds >= 0 else { throw JobError("\(source): '\(text)' is not a number of seconds") }
                 options.connectTimeout = .seconds(seconds)
+            }
+            if let path = settings.text("secret-file", flag: secretFile)?.value {
+                options.secret = try JobSecret(file: path)
             }
             let summary = try await WorkerClient(options: options, logger: logger).run()
             logger.info("""

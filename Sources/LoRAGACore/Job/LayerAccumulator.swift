@@ -1,7 +1,5 @@
 /// One layer's streamed gradient on its way to a truncated SVD, in `dense` or `sketch` mode.
-/// Both are linear in G: row blocks from any worker add in any order, and two accumulators
-/// of the same layer merge — which is what lets a coordinator stage each worker's blocks
-/// and count them only on that worker's commit.
+/// Both are linear in G: row blocks from any file or worker add in any order.
 public struct LayerAccumulator: Sendable {
     public let name: String
     public let rows: Int
@@ -37,15 +35,6 @@ public struct LayerAccumulator: Sendable {
             dense!.addRows(block)
         } else {
             sketch!.fold(block)
-        }
-    }
-
-    public mutating func merge(_ other: LayerAccumulator) {
-        precondition(other.name == name && other.rows == rows && other.cols == cols, "merging accumulators of different layers")
-        if let otherDense = other.dense {
-            dense!.add(otherDense)
-        } else if let otherSketch = other.sketch {
-            sketch!.merge(otherSketch)
         }
     }
 
