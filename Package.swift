@@ -44,6 +44,8 @@ let package = Package(
             dependencies: [
                 "LoRAGACore", "LoRAGAFormats", "LoRAGAWire",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -69,7 +71,7 @@ let package = Package(
         .executableTarget(
             name: "LoraGACoord",
             dependencies: [
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 "LoRAGACoordinator", "LoRAGAFormats", "LoRAGAWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -78,7 +80,7 @@ let package = Package(
         .executableTarget(
             name: "LoraGAWorkerMain",
             dependencies: [
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 "LoRAGAWorker", "LoRAGACoordinator", "LoRAGAFormats", "LoRAGAWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

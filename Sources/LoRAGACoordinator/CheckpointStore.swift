@@ -167,7 +167,7 @@ public final class CheckpointStore {
         }
     }
 
-    static func crc(of path: String) -> UInt32 {
+    public static func crc(of path: String) -> UInt32 {
         guard let data = FileManager.default.contents(atPath: path) else { return 0 }
         return data.withUnsafeBytes { CRC32C.checksum($0) }
     }

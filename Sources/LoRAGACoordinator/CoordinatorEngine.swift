@@ -470,6 +470,17 @@ public actor CoordinatorEngine {
         waiters = []
     }
 
+    /// A signal asked the coordinator to stop: workers are told to wait for its return, and
+    /// the job ends unfinished. Every finished layer is already durable, so a restart resumes.
+    public func shutdown(reason: String) {
+        guard outcome == nil else { return }
+        logger.warning("\(reason): stopping; finished layers are checkpointed in \(options.outputDirectory) and a restart resumes")
+        for continuation in outbound.values {
+            continuation.yield(.message(.goodbye(Goodbye(reason: "coordinator stopping (\(reason)); it resumes when restarted"))))
+        }
+        complete(.failure(JobError("stopped by \(reason) before the job finished; restart with the same --out to resume")))
+    }
+
     /// Returns when the job has finished (adapter written) or failed.
     public func result() async throws -> CoordinatorSummary {
         if let outcome { return try outcome.get() }

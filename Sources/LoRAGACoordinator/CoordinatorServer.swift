@@ -6,7 +6,7 @@ import NIOPosix
 /// The coordinator's TCP side: accepts workers, frames messages, and hands them to the
 /// engine one at a time per connection (so a busy engine slows the sender down through
 /// TCP, never by buffering). Returns when the job has finished or failed.
-public struct CoordinatorServer {
+public struct CoordinatorServer: Sendable {
     public let host: String
     public let port: Int
     public let options: CoordinatorOptions

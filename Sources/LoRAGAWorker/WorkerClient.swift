@@ -21,6 +21,9 @@ public struct WorkerOptions: Sendable {
     public var shardBytes = 4 << 20
     /// The job's shared secret, when the coordinator requires one.
     public var secret: JobSecret?
+    /// Cap on shard bandwidth in bytes per second (nil: as fast as TCP goes), to spare a
+    /// network the training job shares.
+    public var maxBytesPerSecond: Double?
 
     public init(host: String, port: Int, id: String, gradientPaths: [String]) {
         self.host = host
@@ -53,7 +56,7 @@ public struct WorkerError: Error, CustomStringConvertible {
 /// layer's row blocks (dense, sketch) or multiply its gradient by a matrix (power) — until
 /// the job is done. Reconnects with backoff when the connection drops; everything it sends
 /// for a layer counts only after its commit, so resending is always safe.
-public struct WorkerClient {
+public struct WorkerClient: Sendable {
     public let options: WorkerOptions
     public var logger: Logger
 
@@ -190,6 +193,7 @@ public struct WorkerClient {
         }
         var checksum = ShardChecksum()
         var sent = 0
+        let started = ContinuousClock.now
         var next = read(ranges[0])
         for (position, range) in ranges.enumerated() {
             let shard = try await next.value
@@ -201,6 +205,11 @@ public struct WorkerClient {
                 dtype: spec.payloadDType, compression: shard.compressed == nil ? .uncompressed : .zstdShuffled,
                 uncompressedBytes: UInt64(shard.uncompressed.readableBytes), payload: payload, attempt: begin.attempt)))
             sent += payload.readableBytes
+            if let limit = options.maxBytesPerSecond, limit > 0 {
+                // Pace to the cap: sleep until the bytes sent so far are due.
+                let due = started + .seconds(Double(sent) / limit)
+                if due > .now { try await Task.sleep(until: due, clock: .continuous) }
+            }
         }
         try await outbound.write(.layerCommit(LayerCommit(layerIndex: begin.layerIndex, shardCount: UInt32(ranges.count), rowCount: UInt64(layer.rows), checksum: checksum.value, attempt: begin.attempt)))
         logger.info("sent layer \(begin.layerIndex) '\(layer.name)' (\(layer.rows)×\(layer.cols), \(sent / 1_000_000) MB\(begin.attempt > 0 ? ", attempt \(begin.attempt)" : ""))")

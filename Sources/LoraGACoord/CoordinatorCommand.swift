@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import LoRAGACore
 import LoRAGACoordinator
 import LoRAGAFormats
@@ -70,9 +71,15 @@ struct CoordinatorCommand: AsyncParsableCommand {
             BLAS.configureThreads()
             let server = CoordinatorServer(host: settings.host, port: settings.port, options: settings.options, logger: logger)
             let portFile = settings.portFile
-            let summary = try await server.run { port, _ in
-                if let portFile { try? "\(port)\n".write(toFile: portFile, atomically: true, encoding: .utf8) }
-            }
+            let engine = NIOLockedValueBox<CoordinatorEngine?>(nil)
+            let summary = try await GracefulJob.run(logger: logger, {
+                try await server.run { port, running in
+                    engine.withLockedValue { $0 = running }
+                    if let portFile { try? "\(port)\n".write(toFile: portFile, atomically: true, encoding: .utf8) }
+                }
+            }, onSignal: {
+                await engine.withLockedValue { $0 }?.shutdown(reason: "a termination signal")
+            })
             let megabytes = Double(summary.bytesReceived) / 1e6
             logger.info("""
                 done: \(summary.layers) layers in \(String(format: "%.2f", summary.seconds)) s, \

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import LoRAGACore
 import LoRAGACoordinator
 import LoRAGAWorker
@@ -29,6 +30,7 @@ struct WorkerCommand: AsyncParsableCommand {
     @Option(help: "Seconds to keep trying to reach the coordinator (default 300).") var connectTimeout: Double?
     @Option(help: "Write a JSON summary (bytes sent, peak RSS, CPU) here at the end.") var summaryFile: String?
     @Option(help: "File holding the job's shared secret (also LORA_GA_SECRET_FILE).") var secretFile: String?
+    @Option(help: "Cap shard traffic at this many MB/s (default: no cap).") var rateLimit: Double?
 
     func run() async throws {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
@@ -51,10 +53,23 @@ struct WorkerCommand: AsyncParsableCommand {
                 guard let seconds = Double(text), seconds >= 0 else { throw JobError("\(source): '\(text)' is not a number of seconds") }
                 options.connectTimeout = .seconds(seconds)
             }
+            if let (text, source) = settings.text("rate-limit", flag: rateLimit.map { "\($0)" }) {
+                guard let rate = Double(text), rate > 0 else { throw JobError("\(source): '\(text)' is not a positive number of MB/s") }
+                options.maxBytesPerSecond = rate * 1e6
+            }
             if let path = settings.text("secret-file", flag: secretFile)?.value {
                 options.secret = try JobSecret(file: path)
             }
-            let summary = try await WorkerClient(options: options, logger: logger).run()
+            let client = WorkerClient(options: options, logger: logger)
+            let task = NIOLockedValueBox<Task<WorkerSummary, Error>?>(nil)
+            let summary = try await GracefulJob.run(logger: logger, {
+                let running = Task { try await client.run() }
+                task.withLockedValue { $0 = running }
+                return try await running.value
+            }, onSignal: {
+                // The coordinator sees the connection close and discards this worker's partial layer.
+                task.withLockedValue { $0 }?.cancel()
+            })
             logger.info("""
                 done: \(summary.layersSent) layers sent, \(summary.powerReplies) power replies, \
                 \(String(format: "%.1f", Double(summary.bytesSent) / 1e6)) MB sent over \(summary.connections) connection(s), \

@@ -1,0 +1,39 @@
+import Logging
+import NIOConcurrencyHelpers
+import ServiceLifecycle
+
+/// Runs a daemon's job under a ServiceGroup so SIGTERM / SIGINT end it gracefully:
+/// `onSignal` asks the job to stop (say goodbye, leave a resumable directory), and `run`
+/// returns what the job returned or threw.
+public enum GracefulJob {
+    public static func run<Result: Sendable>(
+        logger: Logger,
+        _ job: @escaping @Sendable () async throws -> Result,
+        onSignal: @escaping @Sendable () async -> Void
+    ) async throws -> Result {
+        let outcome = NIOLockedValueBox<Swift.Result<Result, Error>?>(nil)
+        let service = JobService(job: {
+            let result: Swift.Result<Result, Error>
+            do { result = .success(try await job()) } catch { result = .failure(error) }
+            outcome.withLockedValue { $0 = result }
+        }, onSignal: onSignal)
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: service, successTerminationBehavior: .gracefullyShutdownGroup)], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+        guard let result = outcome.withLockedValue({ $0 }) else { throw JobError("stopped before the job returned") }
+        return try result.get()
+    }
+
+    struct JobService: Service {
+        let job: @Sendable () async -> Void
+        let onSignal: @Sendable () async -> Void
+
+        func run() async throws {
+            await withGracefulShutdownHandler {
+                await job()
+            } onGracefulShutdown: {
+                Task { await onSignal() }
+            }
+        }
+    }
+}
