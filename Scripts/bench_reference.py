@@ -80,7 +80,7 @@ def blas_info():
         from threadpoolctl import threadpool_info
     except ImportError:
         return {"note": "threadpoolctl not importable"}
-    return [{key: entry.get(key) for key in ("internal_api", "prefix", "version", "architecture", "num_threads", "threading_layer")}
+    return [{key: entry.get(key) for key in ("internal_api", "prefix", "version", "architecture", "num_threads", "threading_layer", "filepath")}
             for entry in threadpool_info()]
 
 
@@ -120,7 +120,6 @@ def main():
                 summed[name] += tensor
             else:
                 summed[name] = tensor
-        del tensor
     load_seconds = time.perf_counter() - start
 
     factors = {}

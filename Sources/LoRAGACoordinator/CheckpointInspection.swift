@@ -91,8 +91,13 @@ public struct CheckpointInspection: Sendable {
         let finished = layers.filter { $0.fileBytes > 0 }
         let fileBytes = finished.reduce(0) { $0 + $1.fileBytes }
         let rawBytes = finished.reduce(0) { $0 + $1.rawBytes }
-        lines.append(String(format: "%d/%d layers intact; checkpoints %d bytes vs %d bytes of raw float32 factors (%.3f×)",
-                            intact.count, layers.count, fileBytes, rawBytes, fileBytes > 0 ? Double(rawBytes) / Double(fileBytes) : 0))
+        let checkpoints = (directory as NSString).appendingPathComponent("checkpoints")
+        let directoryBytes = ((try? FileManager.default.contentsOfDirectory(atPath: checkpoints)) ?? []).reduce(0) { total, name in
+            total + (((try? FileManager.default.attributesOfItem(atPath: (checkpoints as NSString).appendingPathComponent(name))[.size]) as? Int) ?? 0)
+        }
+        lines.append(String(format: "%d/%d layers intact; checkpoints %d bytes vs %d bytes of raw float32 factors (%.3f×); the whole checkpoints/ directory with its manifest: %d bytes (%.3f×)",
+                            intact.count, layers.count, fileBytes, rawBytes, fileBytes > 0 ? Double(rawBytes) / Double(fileBytes) : 0,
+                            directoryBytes, directoryBytes > 0 ? Double(rawBytes) / Double(directoryBytes) : 0))
         return lines.joined(separator: "\n")
     }
 

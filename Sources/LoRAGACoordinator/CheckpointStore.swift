@@ -151,20 +151,13 @@ public final class CheckpointStore {
             layers: reports, worstFidelityEstimate: reports.compactMap(\.fidelityEstimate).max(), extra: extra)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-        try encoder.encode(report).write(to: URL(fileURLWithPath: (directory as NSString).appendingPathComponent(CheckpointStore.reportFileName)), options: .atomic)
+        try DurableFile.write(try encoder.encode(report), to: (directory as NSString).appendingPathComponent(CheckpointStore.reportFileName))
     }
 
     private func saveManifest() throws {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let path = (checkpointDirectory as NSString).appendingPathComponent(CheckpointStore.manifestFileName)
-        // .atomic writes a temporary file and renames it; fsync it so the rename is durable.
-        try encoder.encode(manifest).write(to: URL(fileURLWithPath: path), options: .atomic)
-        let descriptor = open(path, O_RDONLY)
-        if descriptor >= 0 {
-            fsync(descriptor)
-            close(descriptor)
-        }
+        encoder.outputFormatting = [.sortedKeys]
+        try DurableFile.write(try encoder.encode(manifest), to: (checkpointDirectory as NSString).appendingPathComponent(CheckpointStore.manifestFileName))
     }
 
     public static func crc(of path: String) -> UInt32 {

@@ -83,6 +83,8 @@ public actor CoordinatorEngine {
     private var totalBytes = 0
     private let started = ContinuousClock.now
     private var outcome: Result<CoordinatorSummary, JobError>?
+    /// Gather and rejoin deadlines; cancelled when the job ends so none fires on a stopped engine.
+    private var timers: [Task<Void, Never>] = []
     private var waiters: [CheckedContinuation<CoordinatorSummary, Error>] = []
 
     public init(options: CoordinatorOptions, computeLoop: any EventLoop, logger: Logger) throws {
@@ -160,7 +162,12 @@ public actor CoordinatorEngine {
         case .powerReply(let reply):
             receivePowerReply(reply, from: connection)
         case .error(let error):
-            logger.warning("connection \(connection) reported: \(error.code): \(error.message)")
+            // A worker that found its own data unusable ends the job: no correct adapter can follow.
+            if machine.worker(on: connection) != nil {
+                perform(machine.fail(error.message))
+            } else {
+                logger.warning("connection \(connection) reported: \(error.code): \(error.message)")
+            }
         case .goodbye:
             break
         case .challenge, .jobSpec, .layerBegin, .layerDone, .powerRequest, .jobDone:
@@ -309,10 +316,10 @@ public actor CoordinatorEngine {
             case .startRejoinTimer(let worker):
                 let timeout = options.rejoinTimeout
                 logger.warning("worker '\(worker)' left mid-job; waiting up to \(timeout) for it to come back")
-                Task { [weak self] in
-                    try? await Task.sleep(for: timeout)
+                timers.append(Task { [weak self] in
+                    guard (try? await Task.sleep(for: timeout)) != nil else { return }
                     await self?.rejoinTimedOut(worker)
-                }
+                })
             }
         }
     }
@@ -324,10 +331,10 @@ public actor CoordinatorEngine {
     /// Starts the gather deadline; call once when the server listens.
     public func startGatherTimer() {
         let timeout = options.gatherTimeout
-        Task { [weak self] in
-            try? await Task.sleep(for: timeout)
+        timers.append(Task { [weak self] in
+            guard (try? await Task.sleep(for: timeout)) != nil else { return }
             await self?.gatherTimedOut(timeout)
-        }
+        })
     }
 
     private func gatherTimedOut(_ timeout: Duration) {
@@ -463,6 +470,8 @@ public actor CoordinatorEngine {
     private func complete(_ result: Result<CoordinatorSummary, JobError>) {
         guard outcome == nil else { return }
         outcome = result
+        for timer in timers { timer.cancel() }
+        timers = []
         if case .failure = result {
             for continuation in outbound.values { continuation.yield(.close) }
         }

@@ -79,6 +79,6 @@ public enum PEFTAdapter {
             "revision": NSNull(),
         ]
         let data = try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
-        try data.write(to: URL(fileURLWithPath: (directory as NSString).appendingPathComponent(configFileName)), options: .atomic)
+        try DurableFile.write(data, to: (directory as NSString).appendingPathComponent(configFileName))
     }
 }

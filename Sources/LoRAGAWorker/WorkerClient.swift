@@ -144,41 +144,55 @@ public struct WorkerClient: Sendable {
             try await outbound.write(.announce(Announce(layers: gradients.announcement)))
             // The coordinator names each layer in LayerBegin; power requests refer to it by index.
             var layerByIndex: [UInt32: GradientLayer] = [:]
-            while let message = try await messages.next() {
-                switch message {
-                case .layerBegin(let begin):
-                    guard let layer = gradients.files.layers.first(where: { $0.name == begin.name }) else {
-                        throw WorkerError(message: "the coordinator asked for layer '\(begin.name)', which this worker's files do not hold", isFinal: true)
-                    }
-                    layerByIndex[begin.layerIndex] = layer
-                    if spec.mode != .power {
-                        summary.bytesSent += try await sendLayer(begin, layer: layer, spec: spec, gradients: gradients, pool: pool, outbound: outbound)
-                        summary.layersSent += 1
-                    }
-                case .powerRequest(let request):
-                    guard let layer = layerByIndex[request.layerIndex] else {
-                        throw WorkerError(message: "power request for layer \(request.layerIndex) before its LayerBegin", isFinal: true)
-                    }
-                    let reply = try await pool.runIfActive { try gradients.answer(request, layer: layer) }
-                    try await outbound.write(.powerReply(reply))
-                    summary.bytesSent += reply.payload.readableBytes
-                    summary.powerReplies += 1
-                case .layerDone(let done):
-                    logger.debug("layer \(done.layerIndex) done")
-                case .jobDone(let done):
-                    logger.info("job done: adapter at \(done.adapterPath) (\(done.layers) layers)")
-                    outbound.finish()
-                    return done.adapterPath
-                case .error(let error):
-                    throw WorkerError(message: "coordinator: \(error.message)", isFinal: error.code != .badData)
-                case .goodbye:
-                    return nil
-                case .challenge, .jobSpec, .hello, .announce, .shard, .layerCommit, .powerReply:
-                    throw WorkerError(message: "unexpected \(message.type) from the coordinator", isFinal: true)
-                }
+            do {
+                return try await serveRequests(&messages, outbound: outbound, spec: spec, gradients: gradients, pool: pool, layers: &layerByIndex, summary: &summary)
+            } catch let error where error is GradientError || error is SafeTensorsError {
+                // Bad data in this worker's files: no correct adapter can come of the job. Say so, and stop.
+                let message = "worker '\(options.id)': \(error)"
+                try? await outbound.write(.error(ErrorMessage(code: .badData, message: message)))
+                throw WorkerError(message: message, isFinal: true)
             }
-            return nil
         }
+    }
+
+    private func serveRequests(
+        _ messages: inout NIOAsyncChannelInboundStream<WireMessage>.AsyncIterator, outbound: NIOAsyncChannelOutboundWriter<WireMessage>,
+        spec: JobSpec, gradients: GradientReader, pool: NIOThreadPool, layers layerByIndex: inout [UInt32: GradientLayer], summary: inout WorkerSummary
+    ) async throws -> String? {
+        while let message = try await messages.next() {
+            switch message {
+            case .layerBegin(let begin):
+                guard let layer = gradients.files.layers.first(where: { $0.name == begin.name }) else {
+                    throw WorkerError(message: "the coordinator asked for layer '\(begin.name)', which this worker's files do not hold", isFinal: true)
+                }
+                layerByIndex[begin.layerIndex] = layer
+                if spec.mode != .power {
+                    summary.bytesSent += try await sendLayer(begin, layer: layer, spec: spec, gradients: gradients, pool: pool, outbound: outbound)
+                    summary.layersSent += 1
+                }
+            case .powerRequest(let request):
+                guard let layer = layerByIndex[request.layerIndex] else {
+                    throw WorkerError(message: "power request for layer \(request.layerIndex) before its LayerBegin", isFinal: true)
+                }
+                let reply = try await pool.runIfActive { try gradients.answer(request, layer: layer) }
+                try await outbound.write(.powerReply(reply))
+                summary.bytesSent += reply.payload.readableBytes
+                summary.powerReplies += 1
+            case .layerDone(let done):
+                logger.debug("layer \(done.layerIndex) done")
+            case .jobDone(let done):
+                logger.info("job done: adapter at \(done.adapterPath) (\(done.layers) layers)")
+                outbound.finish()
+                return done.adapterPath
+            case .error(let error):
+                throw WorkerError(message: "coordinator: \(error.message)", isFinal: error.code != .badData)
+            case .goodbye:
+                return nil
+            case .challenge, .jobSpec, .hello, .announce, .shard, .layerCommit, .powerReply:
+                throw WorkerError(message: "unexpected \(message.type) from the coordinator", isFinal: true)
+            }
+        }
+        return nil
     }
 
     /// Streams one layer as shards, reading the next shard while the current one is written.

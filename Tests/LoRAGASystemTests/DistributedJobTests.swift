@@ -147,6 +147,22 @@ import LoRAGAWorker
         #expect(log["w0"]?.contains("'w0' is already connected") == true, "\(log)")
     }
 
+    @Test func aNaNInAWorkersGradientFailsTheJobNamingWorkerLayerAndRow() async throws {
+        let dir = try Fixtures.scratch("nan")
+        var values = [Float](repeating: 0.5, count: 64 * 48)
+        values[17 * 48 + 5] = .nan
+        try SafeTensorsWriter.write(path: dir + "/grads.safetensors", tensors: [(.init(name: "x.weight", dtype: .f32, shape: [64, 48]), values)])
+        let good = try Fixtures.scratch("nan-good")
+        try SafeTensorsWriter.write(path: good + "/grads.safetensors", tensors: [(.init(name: "x.weight", dtype: .f32, shape: [64, 48]), [Float](repeating: 1, count: 64 * 48))])
+        do {
+            let run = try await Self.run(mode: .dense, shares: [good, dir], rank: 2, out: try Fixtures.scratch("nan-out"))
+            Issue.record("the job finished: \(run.summary)")
+        } catch {
+            let message = "\(error)"
+            #expect(message.contains("worker 'w1'") && message.contains("x.weight") && message.contains("row 17"), "\(message)")
+        }
+    }
+
     actor Gate {
         var isOpen = false
         func open() { isOpen = true }

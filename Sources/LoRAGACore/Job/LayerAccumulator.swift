@@ -41,8 +41,10 @@ public struct LayerAccumulator: Sendable {
     /// The layer's LoRA-GA factors and report fields.
     public func finish(settings: JobSettings) throws -> (factors: LoRAFactors, svd: TruncatedSVD, fidelityEstimate: Double?) {
         if let g = dense {
-            if let index = g.storage.firstIndex(where: { !$0.isFinite }) {
-                throw GradientError.nonFinite(layer: name, source: "summed gradient", row: index / cols)
+            // Inputs were checked block by block; only an overflowing sum can get here.
+            let bad = g.storage.withUnsafeBufferPointer { RowBlock(rowStart: 0, rowCount: rows, cols: cols, values: $0).firstNonFiniteIndex() }
+            if let index = bad {
+                throw GradientError.nonFinite(layer: name, source: "summed gradient (Float32 overflow)", row: index / cols)
             }
             var source = InMemoryRowBlocks(g)
             let svd = try randomizedSVD(of: &source, parameters: settings.randomizedSVD, layerName: name)
