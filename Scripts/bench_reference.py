@@ -110,9 +110,12 @@ def main():
     start = time.perf_counter()
 
     # Load and sum: what `G = sum(load_file(f)[name] for f in files)` does, without a third copy.
+    # (safetensors.numpy reads a file's bytes, then copies them into arrays: its peak is twice the file.)
     summed = {}
     for path in gradient_files(args.paths):
-        for name, tensor in load_file(path).items():
+        tensors = load_file(path)
+        for name in list(tensors):
+            tensor = tensors.pop(name)
             if tensor.ndim != 2 or not np.issubdtype(tensor.dtype, np.floating):
                 continue
             tensor = tensor.astype(np.float32, copy=False)
@@ -120,6 +123,8 @@ def main():
                 summed[name] += tensor
             else:
                 summed[name] = tensor
+            del tensor
+        del tensors
     load_seconds = time.perf_counter() - start
 
     factors = {}

@@ -391,6 +391,8 @@ public actor CoordinatorEngine {
                 message = PowerRequest(layerIndex: UInt32(index), round: round, side: .range, matrixRows: UInt32(x.rows), matrixCols: UInt32(x.cols), values: x.storage)
             case .coRange(let x):
                 message = PowerRequest(layerIndex: UInt32(index), round: round, side: .corange, matrixRows: UInt32(x.rows), matrixCols: UInt32(x.cols), values: x.storage)
+            case .gram:
+                preconditionFailure("the coordinator's range finder never fuses passes: workers hold only shares of G")
             }
             powerReplies[index] = [:]
             perform(machine.powerRequestReady(layer: index, message))

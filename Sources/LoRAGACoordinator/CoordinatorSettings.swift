@@ -54,7 +54,7 @@ public struct CoordinatorSettings: Sendable {
             rank: rank, alpha: try get("alpha", Double(2 * rank)), useRSLoRA: try get("rslora", false),
             direction: try get("direction", LoRAGADirection.ArB2r), scale: scale)
         let job = JobSettings(
-            lora: lora, mode: try get("mode", SVDMode.dense),
+            lora: lora, mode: try get("mode", SVDMode.power),
             oversampling: try optional("oversampling"), passes: try optional("passes"), sketchWidth: try optional("sketch-width"),
             seed: try get("seed", SVDDefaults.seed))
         guard let workers: Int = try optional("workers") else { throw JobError(LayeredSettings.missing("workers")) }

@@ -10,6 +10,9 @@ public struct LocalJob {
     public let store: CheckpointStore
     /// Called with one line per finished layer.
     public var progress: (String) -> Void
+    /// Power mode: spend one more read of each layer on the fidelity estimate (dense mode has
+    /// the layer in memory and always estimates; `lora-ga verify` measures it exactly).
+    public var estimatesFidelity = false
 
     public init(files: GradientFileSet, settings: JobSettings, outputDirectory: String, restart: Bool = false, progress: @escaping (String) -> Void = { _ in }) throws {
         let problems = settings.validationErrors()
@@ -55,7 +58,7 @@ public struct LocalJob {
         case .power:
             svd = try randomizedSVD(of: &blocks, parameters: settings.randomizedSVD, layerName: layer.name)
             factors = LoRAFactors(svd: svd, configuration: settings.lora)
-            fidelity = try LocalJob.onePassFidelity(of: &blocks, svd: svd, factors: factors)
+            fidelity = estimatesFidelity ? try LocalJob.onePassFidelity(of: &blocks, svd: svd, factors: factors) : nil
         }
         let elapsed = ContinuousClock.now - clock
         let report = LayerReport(

@@ -113,7 +113,9 @@ public final class GradientFileSet {
     }
 
     /// Row blocks of `layer` summed over every file.
-    public func rowBlocks(of layer: GradientLayer, targetBlockBytes: Int = 8 << 20) -> SummedRowBlocks {
+    /// Blocks of ~16 MB: GEMMs on ~150 rows of a 28672-wide layer run ~10 % faster than on 70,
+    /// and two of them (the block being used and the one being read) stay small.
+    public func rowBlocks(of layer: GradientLayer, targetBlockBytes: Int = 16 << 20) -> SummedRowBlocks {
         SummedRowBlocks(files: files, layer: layer, blockRows: SummedRowBlocks.blockRows(cols: layer.cols, targetBytes: targetBlockBytes))
     }
 }
@@ -128,6 +130,7 @@ public struct SummedRowBlocks: RowBlockSource {
     /// Gradient bytes read from disk so far, over all passes.
     public private(set) var bytesRead = 0
     private var buffer: [Float]
+    private var prefetcher: PrefetchingReader?
 
     public init(files: [SafeTensorsFile], layer: GradientLayer, blockRows: Int) {
         self.files = files
@@ -145,37 +148,60 @@ public struct SummedRowBlocks: RowBlockSource {
     public var rows: Int { layer.rows }
     public var cols: Int { layer.cols }
 
+    /// Row blocks in order. The next block is read on a helper thread while `body` works on
+    /// the current one, so reading (page cache: ~3 GB/s) hides behind the GEMMs.
     public mutating func forEachRowBlock(_ body: (RowBlock) throws -> Void) throws {
-        var start = 0
-        while start < layer.rows {
-            let range = start..<Swift.min(start + blockRows, layer.rows)
-            try withSummedRows(range, body)
-            start = range.upperBound
+        let ranges = stride(from: 0, to: layer.rows, by: blockRows).map { $0..<Swift.min($0 + blockRows, layer.rows) }
+        guard ranges.count > 1 else {
+            if let only = ranges.first { try withSummedRows(only, body) }
+            return
+        }
+        let reader = prefetcher ?? PrefetchingReader(files: files, layer: layer, blockElements: blockRows * layer.cols)
+        prefetcher = reader
+        reader.start(ranges[0], slot: 0)
+        for (position, range) in ranges.enumerated() {
+            try reader.wait()
+            let slot = position % 2
+            if position + 1 < ranges.count { reader.start(ranges[position + 1], slot: 1 - slot) }
+            do {
+                try body(RowBlock(rowStart: range.lowerBound, rowCount: range.count, cols: layer.cols,
+                                  values: UnsafeBufferPointer(rebasing: reader.buffers[slot][0..<(range.count * layer.cols)])))
+            } catch {
+                try? reader.wait()   // never leave the helper writing into a buffer we give up
+                throw error
+            }
+            bytesRead += range.count * layer.cols * elementSize * files.count
         }
     }
+
+    private var elementSize: Int { TensorDType(rawValue: layer.dtype)?.byteSize ?? 4 }
 
     /// Reads rows `range` (at most `blockRows`) summed over every file and passes them to `body`.
     /// A NaN/Inf is an error naming the file, layer and row.
     public mutating func withSummedRows<Result>(_ range: Range<Int>, _ body: (RowBlock) throws -> Result) throws -> Result {
         precondition(range.count <= blockRows && range.upperBound <= layer.rows, "rows \(range) exceed the block size \(blockRows) or the layer's \(layer.rows) rows")
-        let elementSize = TensorDType(rawValue: layer.dtype)?.byteSize ?? 4
         let (files, layer) = (self.files, self.layer)
         let result = try buffer.withUnsafeMutableBufferPointer { whole in
             let block = UnsafeMutableBufferPointer(rebasing: whole[0..<(range.count * layer.cols)])
-            try files[0].readRows(layer.name, rows: range, into: block)
-            try SummedRowBlocks.checkFinite(block, file: files[0], layer: layer, rowStart: range.lowerBound)
-            for file in files.dropFirst() {
-                try file.addRows(layer.name, rows: range, into: block)
-            }
-            // One check per file would need a second buffer; check the sum and, only
-            // if it is bad, find the file that brought the bad value.
-            if files.count > 1, (try? SummedRowBlocks.checkFinite(block, file: files[0], layer: layer, rowStart: range.lowerBound)) == nil {
-                try SummedRowBlocks.locateNonFinite(files: files, layer: layer, rows: range)
-            }
+            try SummedRowBlocks.fill(block, files: files, layer: layer, rows: range)
             return try body(RowBlock(rowStart: range.lowerBound, rowCount: range.count, cols: layer.cols, values: UnsafeBufferPointer(block)))
         }
         bytesRead += range.count * layer.cols * elementSize * files.count
         return result
+    }
+
+    /// The sum over every file of rows `range`, into `block`; checks for NaN/Inf.
+    static func fill(_ block: UnsafeMutableBufferPointer<Float>, files: [SafeTensorsFile], layer: GradientLayer, rows range: Range<Int>) throws {
+        try files[0].readRows(layer.name, rows: range, into: block)
+        try checkFinite(block, file: files[0], layer: layer, rowStart: range.lowerBound)
+        for file in files.dropFirst() {
+            try file.addRows(layer.name, rows: range, into: block)
+        }
+        // One check per file would need a second buffer; check the sum and, only
+        // if it is bad, find the file that brought the bad value.
+        if files.count > 1, (try? checkFinite(block, file: files[0], layer: layer, rowStart: range.lowerBound)) == nil {
+            try locateNonFinite(files: files, layer: layer, rows: range)
+        }
     }
 
     static func checkFinite(_ block: UnsafeMutableBufferPointer<Float>, file: SafeTensorsFile, layer: GradientLayer, rowStart: Int) throws {
@@ -196,5 +222,52 @@ public struct SummedRowBlocks: RowBlockSource {
         }
         // Every file is finite but the sum overflowed Float32.
         throw GradientError.nonFinite(layer: layer.name, source: "sum of \(files.count) files", row: rows.lowerBound)
+    }
+}
+
+/// Two block buffers and a helper thread that fills one while the caller uses the other.
+/// Invariant: between `start` and the matching `wait`, only the helper touches the files and
+/// the buffer being filled; the caller touches neither (hence `@unchecked Sendable`).
+final class PrefetchingReader: @unchecked Sendable {
+    let files: [SafeTensorsFile]
+    let layer: GradientLayer
+    let buffers: [UnsafeMutableBufferPointer<Float>]
+    private let queue = DispatchQueue(label: "lora-ga.prefetch")
+    private let group = DispatchGroup()
+    private var failure: Error?
+
+    init(files: [SafeTensorsFile], layer: GradientLayer, blockElements: Int) {
+        self.files = files
+        self.layer = layer
+        self.buffers = (0..<2).map { _ in
+            let buffer = UnsafeMutableBufferPointer<Float>.allocate(capacity: blockElements)
+            buffer.initialize(repeating: 0)
+            return buffer
+        }
+    }
+
+    deinit {
+        group.wait()
+        for buffer in buffers { buffer.deallocate() }
+    }
+
+    func start(_ range: Range<Int>, slot: Int) {
+        queue.async(group: group) {
+            do {
+                try SummedRowBlocks.fill(UnsafeMutableBufferPointer(rebasing: self.buffers[slot][0..<(range.count * self.layer.cols)]),
+                                         files: self.files, layer: self.layer, rows: range)
+            } catch {
+                self.failure = error
+            }
+        }
+    }
+
+    /// Waits for the block being read; rethrows its read error.
+    func wait() throws {
+        group.wait()
+        if let failure {
+            self.failure = nil
+            throw failure
+        }
     }
 }

@@ -128,8 +128,12 @@ public struct WorkerClient: Sendable {
                        sessionNonce: UInt64, summary: inout WorkerSummary) async throws -> String? {
         try await channel.executeThenClose { inbound, outbound in
             var messages = inbound.makeAsyncIterator()
-            guard case .challenge(let challenge) = try await messages.next() else {
-                throw WorkerError(message: "the peer at \(options.host):\(options.port) is not a lora-ga coordinator (no challenge)", isFinal: true)
+            let challenge: Challenge
+            switch try await messages.next() {
+            case .challenge(let received): challenge = received
+            case nil: return nil   // closed before greeting us (a coordinator going down): try again
+            case let other?:
+                throw WorkerError(message: "the peer at \(options.host):\(options.port) is not a lora-ga coordinator (it opened with \(other.type))", isFinal: true)
             }
             let proof = options.secret?.proof(challenge: challenge.nonce, workerID: options.id, sessionNonce: sessionNonce) ?? .zero
             try await outbound.write(.hello(Hello(protocolVersion: WireProtocol.version, workerID: options.id, sessionNonce: sessionNonce, authProof: proof)))

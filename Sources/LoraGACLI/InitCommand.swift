@@ -32,6 +32,9 @@ struct InitCommand: ParsableCommand {
     @Flag(help: "Discard an existing job in OUT instead of resuming it.")
     var restart = false
 
+    @Flag(help: "Power mode: read each layer once more to report a fidelity estimate (dense mode always does; `lora-ga verify` measures it exactly).")
+    var estimateFidelity = false
+
     @Argument(help: "Gradient files, or directories holding *.safetensors (searched recursively).")
     var paths: [String]
 
@@ -39,7 +42,8 @@ struct InitCommand: ParsableCommand {
         let files = try GradientFileSet(paths: paths, target: target)
         let settings = lora.settings
         log("lora-ga init: \(files.files.count) gradient files, \(files.layers.count) layers, rank \(settings.lora.rank), mode \(settings.mode.rawValue) → \(out)")
-        let job = try LocalJob(files: files, settings: settings, outputDirectory: out, restart: restart, progress: log)
+        var job = try LocalJob(files: files, settings: settings, outputDirectory: out, restart: restart, progress: log)
+        job.estimatesFidelity = estimateFidelity
         let clock = ContinuousClock.now
         let reports = try job.run(adapterDType: dtype.tensorDType)
         let worst = reports.compactMap(\.fidelityEstimate).max()

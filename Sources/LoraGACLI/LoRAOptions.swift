@@ -40,8 +40,8 @@ struct LoRAOptions: ParsableArguments {
     @Option(help: "γ of the stable scale.")
     var gamma: Double = 16
 
-    @Option(help: "dense: hold each layer's sum (memory out·in); sketch: one streamed pass into sketches (memory (out+in)·k, less exact); power: re-read the gradient in row blocks for each pass (memory (out+in)·k).")
-    var mode: SVDMode = .dense
+    @Option(help: "power (default): re-read the gradient in row blocks, two passes per read (memory (out+in)·k); dense: hold each layer's sum and read it once (memory out·in); sketch: one streamed pass into sketches (memory (out+in)·k, less exact).")
+    var mode: SVDMode = .power
 
     @Option(help: "Oversampling p (dense, power): sketch width k = 2r + p. Default 2r.")
     var oversampling: Int?

@@ -9,7 +9,9 @@ import LoRAGACoordinator
     func run(mode: SVDMode, rank: Int = 8, out: String, paths: [String] = Fixtures.minilmWorkers) throws -> [LayerReport] {
         let files = try GradientFileSet(paths: paths)
         let settings = JobSettings(lora: LoRAConfiguration(rank: rank, alpha: Double(2 * rank)), mode: mode)
-        return try LocalJob(files: files, settings: settings, outputDirectory: out).run()
+        var job = try LocalJob(files: files, settings: settings, outputDirectory: out)
+        job.estimatesFidelity = true
+        return try job.run()
     }
 
     func verify(_ out: String, paths: [String] = Fixtures.minilmWorkers) throws -> [AdapterVerifier.LayerResult] {

@@ -11,7 +11,7 @@ public struct JobSettings: Sendable, Equatable, Codable {
     public var sketchWidth: Int
     public var seed: UInt64
 
-    public init(lora: LoRAConfiguration, mode: SVDMode = .dense, oversampling: Int? = nil, passes: Int? = nil, sketchWidth: Int? = nil, seed: UInt64 = SVDDefaults.seed) {
+    public init(lora: LoRAConfiguration, mode: SVDMode = .power, oversampling: Int? = nil, passes: Int? = nil, sketchWidth: Int? = nil, seed: UInt64 = SVDDefaults.seed) {
         self.lora = lora
         self.mode = mode
         self.oversampling = oversampling ?? SVDDefaults.oversampling(rank: lora.rank)

@@ -64,6 +64,16 @@ public struct RangeFinder: Sendable {
         case range(Matrix)
         /// Send back Gᵀ · X (X is rows × k).
         case coRange(Matrix)
+        /// Send back Y = G · X and Z = Gᵀ · Y, both from one pass over G (two passes' worth of
+        /// work for one read). Only asked of sources that hold G whole — the files or memory of
+        /// one process — since Gᵀ(Σ_w G_w X) is not Σ_w G_wᵀ G_w X across workers.
+        case gram(Matrix)
+    }
+
+    /// The answer to a request.
+    public enum Product: Sendable {
+        case single(Matrix)
+        case gram(y: Matrix, z: Matrix)
     }
 
     public enum Step: Sendable, Equatable {
@@ -81,8 +91,12 @@ public struct RangeFinder: Sendable {
     /// The orthonormal basis that was last sent out; its product is what comes back.
     private var lastBasis: Matrix?
     private var pending: Request?
+    /// Ask for `.gram` products where two passes in a row allow it.
+    public let fusesPairs: Bool
 
-    public init(rows: Int, cols: Int, parameters: RandomizedSVDParameters, layerName: String) throws {
+    /// - Parameter fusesPairs: the source answers `.gram` requests (one process holding all of G).
+    ///   Same subspaces as the unfused sequence, with half the reads of G.
+    public init(rows: Int, cols: Int, parameters: RandomizedSVDParameters, layerName: String, fusesPairs: Bool = false) throws {
         guard parameters.passes >= 2 else {
             throw RandomizedSVDError.badParameters("passes must be at least 2 (got \(parameters.passes))")
         }
@@ -97,27 +111,60 @@ public struct RangeFinder: Sendable {
         self.parameters = parameters
         self.layerName = layerName
         self.sketchWidth = parameters.sketchWidth(rows: rows, cols: cols)
+        self.fusesPairs = fusesPairs
+    }
+
+    /// A range-side request for `basis`, fused with the co-range pass after it when at least
+    /// three applications remain (a fused pair must not be the last step: finishing needs an
+    /// orthonormal basis on the side the last product came from).
+    private func rangeRequest(_ basis: Matrix) -> Request {
+        fusesPairs && parameters.passes - passesDone >= 3 ? .gram(basis) : .range(basis)
     }
 
     /// The first request: Y = G Ω with a Gaussian Ω regenerated from (seed, layer).
     public mutating func start() -> Step {
         let omega = TestMatrixGenerator(seed: parameters.seed, layerName: layerName)
             .matrix(rowCount: cols, width: sketchWidth, kind: .range)
-        let request = Request.range(omega)
+        let request = rangeRequest(omega)
         pending = request
         return .need(request)
     }
 
     /// Feed the product asked for by the last request.
     public mutating func advance(with product: Matrix) throws -> Step {
+        try advance(with: .single(product))
+    }
+
+    /// Feed the answer to the last request.
+    public mutating func advance(with answer: Product) throws -> Step {
         guard let request = pending else {
             throw RandomizedSVDError.badParameters("RangeFinder.advance called with no request outstanding")
+        }
+        if case .gram = request {
+            guard case .gram(let y, let z) = answer else {
+                throw RandomizedSVDError.badParameters("a gram request was answered with a single product")
+            }
+            precondition(y.rows == rows && y.cols == sketchWidth && z.rows == cols && z.cols == sketchWidth, "gram product has shapes \(y.rows)×\(y.cols), \(z.rows)×\(z.cols)")
+            guard z.storage.allSatisfy(\.isFinite) else { throw RandomizedSVDError.nonFinite(layer: layerName) }
+            guard y.frobeniusNormSquared > 0, z.frobeniusNormSquared > 0 else { throw RandomizedSVDError.zeroMatrix(layer: layerName) }
+            // span(Gᵀ Y) = span(Gᵀ orth(Y)): the QR of Y between the two halves changes nothing but scale.
+            passesDone += 2
+            let basis = try z.orthonormalizedColumns()
+            lastBasis = basis
+            let next = rangeRequest(basis)
+            pending = next
+            return .need(next)
+        }
+        guard case .single(let product) = answer else {
+            throw RandomizedSVDError.badParameters("a single-product request was answered with a gram pair")
         }
         switch request {
         case .range:
             precondition(product.rows == rows && product.cols == sketchWidth, "range product has shape \(product.rows)×\(product.cols), expected \(rows)×\(sketchWidth)")
         case .coRange:
             precondition(product.rows == cols && product.cols == sketchWidth, "co-range product has shape \(product.rows)×\(product.cols), expected \(cols)×\(sketchWidth)")
+        case .gram:
+            preconditionFailure("handled above")
         }
         guard product.storage.allSatisfy(\.isFinite) else { throw RandomizedSVDError.nonFinite(layer: layerName) }
         passesDone += 1
@@ -133,7 +180,7 @@ public struct RangeFinder: Sendable {
         let next: Request
         switch request {
         case .range: next = .coRange(basis)
-        case .coRange: next = .range(basis)
+        case .coRange, .gram: next = rangeRequest(basis)
         }
         pending = next
         return .need(next)
@@ -155,7 +202,7 @@ public struct RangeFinder: Sendable {
             let w = small.vt.transposed()
             let u = Matrix.product(basis, w)
             result = TruncatedSVD(u: u.columns(0..<t), s: Array(small.s.prefix(t)), vt: small.u.columns(0..<t).transposed())
-        case .range:
+        case .range, .gram:
             // Y = GP = Ũ S Wᵀ  ⇒  GPPᵀ = Ũ S (P W)ᵀ
             let v = Matrix.product(basis, small.vt, transposeB: true)
             result = TruncatedSVD(u: small.u.columns(0..<t), s: Array(small.s.prefix(t)), vt: v.columns(0..<t).transposed())

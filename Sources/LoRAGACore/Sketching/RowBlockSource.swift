@@ -27,11 +27,25 @@ extension RowBlockSource {
         return result
     }
 
+    /// Y = G · X and Z = Gᵀ · Y in one pass: each row block is used twice while it is at hand.
+    public mutating func gramProduct(with x: Matrix) throws -> (y: Matrix, z: Matrix) {
+        var y = Matrix(rows: rows, cols: x.cols)
+        var z = Matrix(rows: cols, cols: x.cols)
+        try forEachRowBlock { block in
+            Matrix.accumulateProduct(block, x, into: &y, rowOffset: block.rowStart, beta: 0)
+            Matrix.accumulateBlockTransposedProduct(block, y, into: &z)
+        }
+        return (y, z)
+    }
+
     /// Answers one request of a `RangeFinder`.
-    public mutating func answer(_ request: RangeFinder.Request) throws -> Matrix {
+    public mutating func answer(_ request: RangeFinder.Request) throws -> RangeFinder.Product {
         switch request {
-        case .range(let x): return try product(with: x)
-        case .coRange(let x): return try transposedProduct(with: x)
+        case .range(let x): return .single(try product(with: x))
+        case .coRange(let x): return .single(try transposedProduct(with: x))
+        case .gram(let x):
+            let (y, z) = try gramProduct(with: x)
+            return .gram(y: y, z: z)
         }
     }
 }
@@ -68,17 +82,16 @@ public func randomizedSVD<Source: RowBlockSource>(
     of source: inout Source, parameters: RandomizedSVDParameters, layerName: String,
     progress: ((_ pass: Int, _ of: Int) -> Void)? = nil
 ) throws -> TruncatedSVD {
-    var finder = try RangeFinder(rows: source.rows, cols: source.cols, parameters: parameters, layerName: layerName)
+    // One process holds all of G here, so pairs of passes fuse into one read.
+    var finder = try RangeFinder(rows: source.rows, cols: source.cols, parameters: parameters, layerName: layerName, fusesPairs: true)
     var step = finder.start()
-    var pass = 0
     while true {
         switch step {
         case .finished(let result):
             return result
         case .need(let request):
             let product = try source.answer(request)
-            pass += 1
-            progress?(pass, parameters.passes)
+            progress?(finder.passesDone, parameters.passes)
             step = try finder.advance(with: product)
         }
     }
