@@ -199,25 +199,25 @@ public actor CoordinatorEngine {
             }
             let rows = Int(shard.rowCount)
             let count = rows * layer.cols
-            let bytes: [UInt8]
+            if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
+            let finite: Int?
             do {
-                bytes = try uncompressed(shard, expected: count * dtype.byteSize)
+                // Decode straight from the received frame (no copy) unless it must be decompressed first.
+                finite = try withUncompressedBytes(shard, expected: count * dtype.byteSize) { raw in
+                    state.checksum.update(raw)
+                    return scratch.withUnsafeMutableBufferPointer { floats in
+                        let block = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
+                        FloatCodec.decode(raw, as: dtype, into: block)
+                        return RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(block)).firstNonFiniteIndex()
+                    }
+                }
             } catch {
                 return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': \(error)"))
-            }
-            if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
-            let finite: Int? = bytes.withUnsafeBytes { raw in
-                scratch.withUnsafeMutableBufferPointer { floats in
-                    let block = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
-                    FloatCodec.decode(raw, as: dtype, into: block)
-                    return RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(block)).firstNonFiniteIndex()
-                }
             }
             if let bad = finite {
                 let row = Int(shard.rowStart) + bad / layer.cols
                 return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' has a NaN or Inf value in row \(row)"))
             }
-            bytes.withUnsafeBytes { state.checksum.update($0) }
             state.nextRow += rows
             state.shards += 1
             progress[index, default: [:]][worker] = state
@@ -230,16 +230,15 @@ public actor CoordinatorEngine {
         }
     }
 
-    private func uncompressed(_ shard: Shard, expected: Int) throws -> [UInt8] {
-        var payload = shard.payload
-        let raw = payload.readBytes(length: payload.readableBytes) ?? []
+    private func withUncompressedBytes<T>(_ shard: Shard, expected: Int, _ body: (UnsafeRawBufferPointer) throws -> T) throws -> T {
         switch shard.compression {
         case .uncompressed:
-            return raw
+            return try shard.payload.withUnsafeReadableBytes(body)
         case .zstdShuffled:
             // Shape and dtype were checked against the job before this allocation.
-            let shuffled = try codec.decompress(raw, expectedSize: expected)
-            return shuffled.withUnsafeBytes { ByteShuffle.unshuffle($0, elementSize: TensorDType(wire: shard.dtype).byteSize) }
+            let shuffled = try shard.payload.withUnsafeReadableBytes { try codec.decompress($0, expectedSize: expected) }
+            let bytes = shuffled.withUnsafeBytes { ByteShuffle.unshuffle($0, elementSize: TensorDType(wire: shard.dtype).byteSize) }
+            return try bytes.withUnsafeBytes(body)
         }
     }
 
