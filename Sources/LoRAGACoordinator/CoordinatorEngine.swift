@@ -418,6 +418,9 @@ public actor CoordinatorEngine {
     private func finalize(_ index: Int, svd powerResult: TruncatedSVD?) {
         let layer = machine.layers![index]
         let settings = options.settings
+        // Transfer time (first LayerBegin to the last commit or reply) and compute time, apart.
+        let transferred = layerStarted[index].map { seconds(since: $0) } ?? 0
+        let finalizeStart = ContinuousClock.now
         do {
             let factors: LoRAFactors
             let svd: TruncatedSVD
@@ -429,12 +432,14 @@ public actor CoordinatorEngine {
             } else {
                 (factors, svd, fidelity) = try accumulators[index]!.finish(settings: settings)
             }
-            let seconds = (layerStarted[index].map { ContinuousClock.now - $0 }).map { Double($0.components.seconds) + Double($0.components.attoseconds) * 1e-18 } ?? 0
+            let computed = seconds(since: finalizeStart)
+            let bytes = layerBytes[index] ?? 0
             let report = LayerReport(name: layer.name, outFeatures: layer.rows, inFeatures: layer.cols, mode: settings.mode,
-                                     singularValues: svd.s.map(Double.init), fidelityEstimate: fidelity, seconds: seconds, bytesIn: layerBytes[index] ?? 0)
+                                     singularValues: svd.s.map(Double.init), fidelityEstimate: fidelity, seconds: transferred + computed, bytesIn: bytes)
             try store!.record(layer: layer, factors: factors, svd: svd, report: report)
             let done = machine.finished.count + 1
-            logger.info("[\(done)/\(machine.layers!.count)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received"))")
+            let timing = String(format: "transfer %.2f s (%.0f MB/s), factors %.2f s", transferred, Double(bytes) / 1e6 / max(transferred, 1e-9), computed)
+            logger.info("[\(done)/\(machine.layers!.count)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received")); \(timing)")
         } catch {
             return perform(machine.fail("layer '\(layer.name)': \(error)"))
         }
@@ -445,6 +450,11 @@ public actor CoordinatorEngine {
         layerStarted[index] = nil
         layerBytes[index] = nil
         perform(machine.layerFinalized(index))
+    }
+
+    private func seconds(since start: ContinuousClock.Instant) -> Double {
+        let elapsed = ContinuousClock.now - start
+        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
     }
 
     private func finishJob() {
@@ -459,10 +469,8 @@ public actor CoordinatorEngine {
             continuation.yield(.message(.jobDone(JobDone(adapterPath: path, layers: UInt32(layers)))))
             continuation.yield(.close)
         }
-        let elapsed = ContinuousClock.now - started
         let summary = CoordinatorSummary(
-            layers: layers, bytesReceived: totalBytes,
-            seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18,
+            layers: layers, bytesReceived: totalBytes, seconds: seconds(since: started),
             worstFidelityEstimate: store!.finishedReports.compactMap(\.fidelityEstimate).max(),
             adapterDirectory: options.outputDirectory)
         complete(.success(summary))
