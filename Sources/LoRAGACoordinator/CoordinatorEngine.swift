@@ -438,7 +438,10 @@ public actor CoordinatorEngine {
                                      singularValues: svd.s.map(Double.init), fidelityEstimate: fidelity, seconds: transferred + computed, bytesIn: bytes)
             try store!.record(layer: layer, factors: factors, svd: svd, report: report)
             let done = machine.finished.count + 1
-            let timing = String(format: "transfer %.2f s (%.0f MB/s), factors %.2f s", transferred, Double(bytes) / 1e6 / max(transferred, 1e-9), computed)
+            // In power mode the time before finalizing is rounds of worker compute, not transfer.
+            let timing = settings.mode == .power
+                ? String(format: "%d power passes %.2f s, factors %.2f s", settings.passes, transferred, computed)
+                : String(format: "transfer %.2f s (%.0f MB/s), factors %.2f s", transferred, Double(bytes) / 1e6 / max(transferred, 1e-9), computed)
             logger.info("[\(done)/\(machine.layers!.count)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received")); \(timing)")
         } catch {
             return perform(machine.fail("layer '\(layer.name)': \(error)"))

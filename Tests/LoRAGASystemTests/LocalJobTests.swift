@@ -103,6 +103,28 @@ import LoRAGACoordinator
         #expect(error == .nonFinite(layer: "x.weight", source: dir + "/b.safetensors", row: 17))
     }
 
+    @Test func singleAndSummedFilesStreamTheSameValuesAndChecks() throws {
+        let dir = try Fixtures.scratch()
+        let rows = 300, cols = 70   // several 128-row blocks, the last one short
+        var values = (0..<(rows * cols)).map { Float($0 % 97) - 48 }
+        try SafeTensorsWriter.write(path: dir + "/a.safetensors", tensors: [(.init(name: "x.weight", dtype: .f32, shape: [rows, cols]), values)])
+        try SafeTensorsWriter.write(path: dir + "/zero.safetensors", tensors: [(.init(name: "x.weight", dtype: .f32, shape: [rows, cols]), [Float](repeating: 0, count: rows * cols))])
+        func collect(_ paths: [String]) throws -> [Float] {
+            let set = try GradientFileSet(paths: paths)
+            var blocks = set.rowBlocks(of: set.layers[0])
+            var seen: [Float] = []
+            try blocks.forEachRowBlock { seen.append(contentsOf: $0.values) }
+            return seen
+        }
+        let mapped = try collect([dir + "/a.safetensors"])                              // one file
+        let copied = try collect([dir + "/a.safetensors", dir + "/zero.safetensors"])   // a sum
+        #expect(mapped == values && copied == values)
+        values[211 * cols + 9] = .infinity
+        try SafeTensorsWriter.write(path: dir + "/a.safetensors", tensors: [(.init(name: "x.weight", dtype: .f32, shape: [rows, cols]), values)])
+        let error = #expect(throws: GradientError.self) { _ = try collect([dir + "/a.safetensors"]) }
+        #expect(error == .nonFinite(layer: "x.weight", source: dir + "/a.safetensors", row: 211))
+    }
+
     @Test func plantedSyntheticGradientsAreVerifiedAgainstTheirSpectrum() throws {
         let dir = try Fixtures.scratch()
         let synth = SyntheticGradients(layers: [.init(name: "s.weight", rows: 300, cols: 500)], workers: 3, plantedRank: 200, decay: 0.8, dtype: .f32, seed: 4)
