@@ -179,55 +179,49 @@ public actor CoordinatorEngine {
 
     private func receiveShard(_ shard: Shard, from connection: JobStateMachine.ConnectionID) {
         let index = Int(shard.layerIndex)
-        switch machine.shardArrived(on: connection, layer: index, attempt: shard.attempt) {
-        case .ignore:
-            return
-        case .violation(let reason):
-            return refuse(connection, ErrorMessage(code: .badData, message: reason))
-        case .accept(let worker):
-            let layer = machine.layers![index]
-            var state = progress[index]?[worker] ?? Progress()
-            let dtype = TensorDType(wire: shard.dtype)
-            guard shard.cols == UInt64(layer.cols) else {
-                return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)' has \(layer.cols) columns, shard has \(shard.cols)"))
-            }
-            guard shard.rowStart == UInt64(state.nextRow), shard.rowEnd <= UInt64(layer.rows) else {
-                return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': shard rows \(shard.rowStart)..<\(shard.rowEnd), expected rows from \(state.nextRow) within \(layer.rows)"))
-            }
-            guard dtype == options.payloadDType else {
-                return refuse(connection, ErrorMessage(code: .badData, message: "shard dtype \(dtype), the job sends \(options.payloadDType)"))
-            }
-            let rows = Int(shard.rowCount)
-            let count = rows * layer.cols
-            if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
-            let finite: Int?
-            do {
-                // Decode straight from the received frame (no copy) unless it must be decompressed first.
-                finite = try withUncompressedBytes(shard, expected: count * dtype.byteSize) { raw in
-                    state.checksum.update(raw)
-                    return scratch.withUnsafeMutableBufferPointer { floats in
-                        let block = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
-                        FloatCodec.decode(raw, as: dtype, into: block)
-                        return RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(block)).firstNonFiniteIndex()
-                    }
-                }
-            } catch {
-                return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': \(error)"))
-            }
-            if let bad = finite {
-                let row = Int(shard.rowStart) + bad / layer.cols
-                return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' has a NaN or Inf value in row \(row)"))
-            }
-            state.nextRow += rows
-            state.shards += 1
-            progress[index, default: [:]][worker] = state
-            scratch.withUnsafeBufferPointer { floats in
-                let block = RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(rebasing: floats[0..<count]))
-                accumulators[index]!.add(block)
-            }
-            layerBytes[index, default: 0] += shard.payload.readableBytes
-            totalBytes += shard.payload.readableBytes
+        guard let worker = accepted(machine.shardArrived(on: connection, layer: index, attempt: shard.attempt), on: connection) else { return }
+        let layer = machine.layers![index]
+        var state = progress[index]?[worker] ?? Progress()
+        let dtype = TensorDType(wire: shard.dtype)
+        guard shard.cols == UInt64(layer.cols) else {
+            return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)' has \(layer.cols) columns, shard has \(shard.cols)"))
         }
+        guard shard.rowStart == UInt64(state.nextRow), shard.rowEnd <= UInt64(layer.rows) else {
+            return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': shard rows \(shard.rowStart)..<\(shard.rowEnd), expected rows from \(state.nextRow) within \(layer.rows)"))
+        }
+        guard dtype == options.payloadDType else {
+            return refuse(connection, ErrorMessage(code: .badData, message: "shard dtype \(dtype), the job sends \(options.payloadDType)"))
+        }
+        let rows = Int(shard.rowCount)
+        let count = rows * layer.cols
+        if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
+        let finite: Int?
+        do {
+            // Decode straight from the received frame (no copy) unless it must be decompressed first.
+            finite = try withUncompressedBytes(shard, expected: count * dtype.byteSize) { raw in
+                state.checksum.update(raw)
+                return scratch.withUnsafeMutableBufferPointer { floats in
+                    let block = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
+                    FloatCodec.decode(raw, as: dtype, into: block)
+                    return RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(block)).firstNonFiniteIndex()
+                }
+            }
+        } catch {
+            return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': \(error)"))
+        }
+        if let bad = finite {
+            let row = Int(shard.rowStart) + bad / layer.cols
+            return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' has a NaN or Inf value in row \(row)"))
+        }
+        state.nextRow += rows
+        state.shards += 1
+        progress[index, default: [:]][worker] = state
+        scratch.withUnsafeBufferPointer { floats in
+            let block = RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(rebasing: floats[0..<count]))
+            accumulators[index]!.add(block)
+        }
+        layerBytes[index, default: 0] += shard.payload.readableBytes
+        totalBytes += shard.payload.readableBytes
     }
 
     private func withUncompressedBytes<T>(_ shard: Shard, expected: Int, _ body: (UnsafeRawBufferPointer) throws -> T) throws -> T {
@@ -255,26 +249,34 @@ public actor CoordinatorEngine {
 
     private func receivePowerReply(_ reply: PowerReply, from connection: JobStateMachine.ConnectionID) {
         let index = Int(reply.layerIndex)
-        switch machine.powerReplyArrived(on: connection, layer: index, round: reply.round) {
-        case .ignore:
-            return
-        case .violation(let reason):
-            return refuse(connection, ErrorMessage(code: .badData, message: reason))
+        guard let worker = accepted(machine.powerReplyArrived(on: connection, layer: index, round: reply.round), on: connection) else { return }
+        let layer = machine.layers![index]
+        let finder = finders[index]!
+        let expectedRows = reply.side == .range ? layer.rows : layer.cols
+        guard Int(reply.matrixRows) == expectedRows, Int(reply.matrixCols) == finder.sketchWidth else {
+            return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)': reply is \(reply.matrixRows)×\(reply.matrixCols), expected \(expectedRows)×\(finder.sketchWidth)"))
+        }
+        let values = reply.values
+        if let bad = values.firstIndex(where: { !$0.isFinite }) {
+            return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' produced NaN/Inf in its power-iteration product (row \(bad / finder.sketchWidth)); its gradient contains non-finite values"))
+        }
+        powerReplies[index, default: [:]][worker] = Matrix(rows: expectedRows, cols: finder.sketchWidth, storage: values)
+        layerBytes[index, default: 0] += reply.payload.readableBytes
+        totalBytes += reply.payload.readableBytes
+        perform(machine.powerReplyStored(layer: index, worker: worker))
+    }
+
+    /// The worker a data message comes from, or nil once it has been dropped (stale, duplicate)
+    /// or its connection refused (a protocol violation).
+    private func accepted(_ verdict: JobStateMachine.Verdict, on connection: JobStateMachine.ConnectionID) -> String? {
+        switch verdict {
         case .accept(let worker):
-            let layer = machine.layers![index]
-            let finder = finders[index]!
-            let expectedRows = reply.side == .range ? layer.rows : layer.cols
-            guard Int(reply.matrixRows) == expectedRows, Int(reply.matrixCols) == finder.sketchWidth else {
-                return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)': reply is \(reply.matrixRows)×\(reply.matrixCols), expected \(expectedRows)×\(finder.sketchWidth)"))
-            }
-            let values = reply.values
-            if let bad = values.firstIndex(where: { !$0.isFinite }) {
-                return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' produced NaN/Inf in its power-iteration product (row \(bad / finder.sketchWidth)); its gradient contains non-finite values"))
-            }
-            powerReplies[index, default: [:]][worker] = Matrix(rows: expectedRows, cols: finder.sketchWidth, storage: values)
-            layerBytes[index, default: 0] += reply.payload.readableBytes
-            totalBytes += reply.payload.readableBytes
-            perform(machine.powerReplyStored(layer: index, worker: worker))
+            return worker
+        case .ignore:
+            return nil
+        case .violation(let reason):
+            refuse(connection, ErrorMessage(code: .badData, message: reason))
+            return nil
         }
     }
 
