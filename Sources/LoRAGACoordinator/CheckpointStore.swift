@@ -43,8 +43,8 @@ public final class CheckpointStore {
     public static let manifestFileName = "manifest.json"
     public static let reportFileName = "lora_ga_report.json"
 
-    /// Opens (or starts) the job in `directory`. With `resume`, an existing manifest is reused
-    /// if it describes the same job; a different job is refused unless `restart` is set.
+    /// Opens (or starts) the job in `directory`: an existing manifest is reused if it describes
+    /// the same job (its layers resume); a different job is refused unless `restart` is set.
     public init(directory: String, settings: JobSettings, layers: [GradientLayer], restart: Bool = false) throws {
         self.directory = directory
         self.checkpointDirectory = (directory as NSString).appendingPathComponent("checkpoints")
