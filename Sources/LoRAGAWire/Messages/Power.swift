@@ -15,29 +15,23 @@ public enum WirePowerSide: UInt8, Sendable, CaseIterable, CustomStringConvertibl
     }
 }
 
-/// Type 9, coordinator → worker: multiply your gradient of `layerIndex` by X.
+/// A power round's matrix message: `PowerRequest` and `PowerReply` share fields, layout and
+/// checks, and differ only in their type byte and direction.
 ///
-/// `payload` is X, `matrixRows × matrixCols`, row-major F32 little-endian.
-public struct PowerRequest: WireMessageBody {
-    public static let messageType = WireMessageType.powerRequest
+/// `payload` is `matrixRows × matrixCols`, row-major F32 little-endian.
+public protocol PowerMatrixMessage: WireMessageBody {
+    var layerIndex: UInt32 { get }
+    var round: UInt32 { get }
+    var side: WirePowerSide { get }
+    var matrixRows: UInt32 { get }
+    var matrixCols: UInt32 { get }
+    var payload: ByteBuffer { get }
+    init(layerIndex: UInt32, round: UInt32, side: WirePowerSide, matrixRows: UInt32, matrixCols: UInt32, payload: ByteBuffer)
+}
+
+extension PowerMatrixMessage {
     /// Bytes before the payload.
-    public static let headerBytes = PowerMatrixFrame.headerBytes
-
-    public var layerIndex: UInt32
-    public var round: UInt32
-    public var side: WirePowerSide
-    public var matrixRows: UInt32
-    public var matrixCols: UInt32
-    public var payload: ByteBuffer
-
-    public init(layerIndex: UInt32, round: UInt32, side: WirePowerSide, matrixRows: UInt32, matrixCols: UInt32, payload: ByteBuffer) {
-        self.layerIndex = layerIndex
-        self.round = round
-        self.side = side
-        self.matrixRows = matrixRows
-        self.matrixCols = matrixCols
-        self.payload = payload
-    }
+    public static var headerBytes: Int { PowerMatrixFrame.headerBytes }
 
     /// Encodes `values` (row-major) as the payload.
     public init(layerIndex: UInt32, round: UInt32, side: WirePowerSide, matrixRows: UInt32, matrixCols: UInt32, values: [Float]) {
@@ -64,13 +58,9 @@ public struct PowerRequest: WireMessageBody {
     }
 }
 
-/// Type 10, worker → coordinator: G·X or Gᵀ·X for the request with the same layer, round and side.
-///
-/// `payload` is `matrixRows × matrixCols`, row-major F32 little-endian.
-public struct PowerReply: WireMessageBody {
-    public static let messageType = WireMessageType.powerReply
-    /// Bytes before the payload.
-    public static let headerBytes = PowerMatrixFrame.headerBytes
+/// Type 9, coordinator → worker: multiply your gradient of `layerIndex` by X (the payload).
+public struct PowerRequest: PowerMatrixMessage {
+    public static let messageType = WireMessageType.powerRequest
 
     public var layerIndex: UInt32
     public var round: UInt32
@@ -80,36 +70,25 @@ public struct PowerReply: WireMessageBody {
     public var payload: ByteBuffer
 
     public init(layerIndex: UInt32, round: UInt32, side: WirePowerSide, matrixRows: UInt32, matrixCols: UInt32, payload: ByteBuffer) {
-        self.layerIndex = layerIndex
-        self.round = round
-        self.side = side
-        self.matrixRows = matrixRows
-        self.matrixCols = matrixCols
-        self.payload = payload
+        (self.layerIndex, self.round, self.side) = (layerIndex, round, side)
+        (self.matrixRows, self.matrixCols, self.payload) = (matrixRows, matrixCols, payload)
     }
+}
 
-    /// Encodes `values` (row-major) as the payload.
-    public init(layerIndex: UInt32, round: UInt32, side: WirePowerSide, matrixRows: UInt32, matrixCols: UInt32, values: [Float]) {
-        self.init(
-            layerIndex: layerIndex, round: round, side: side, matrixRows: matrixRows, matrixCols: matrixCols,
-            payload: ByteBuffer(float32LittleEndian: values)
-        )
-    }
+/// Type 10, worker → coordinator: G·X or Gᵀ·X for the request with the same layer, round and side.
+public struct PowerReply: PowerMatrixMessage {
+    public static let messageType = WireMessageType.powerReply
 
-    /// The payload as floats, row-major.
-    public var values: [Float] { payload.getFloat32LittleEndian(at: payload.readerIndex, count: payload.readableFloat32Count)! }
+    public var layerIndex: UInt32
+    public var round: UInt32
+    public var side: WirePowerSide
+    public var matrixRows: UInt32
+    public var matrixCols: UInt32
+    public var payload: ByteBuffer
 
-    var frame: PowerMatrixFrame {
-        PowerMatrixFrame(layerIndex: layerIndex, round: round, side: side, matrixRows: matrixRows, matrixCols: matrixCols, payload: payload)
-    }
-
-    public func validate() throws(WireError) { try frame.validate(Self.messageType) }
-
-    public func encode(into buffer: inout ByteBuffer) { frame.encode(into: &buffer) }
-
-    public init(from buffer: inout ByteBuffer) throws(WireError) {
-        let f = try PowerMatrixFrame(from: &buffer, Self.messageType)
-        self.init(layerIndex: f.layerIndex, round: f.round, side: f.side, matrixRows: f.matrixRows, matrixCols: f.matrixCols, payload: f.payload)
+    public init(layerIndex: UInt32, round: UInt32, side: WirePowerSide, matrixRows: UInt32, matrixCols: UInt32, payload: ByteBuffer) {
+        (self.layerIndex, self.round, self.side) = (layerIndex, round, side)
+        (self.matrixRows, self.matrixCols, self.payload) = (matrixRows, matrixCols, payload)
     }
 }
 
