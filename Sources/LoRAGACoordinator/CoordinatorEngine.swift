@@ -458,8 +458,7 @@ public actor CoordinatorEngine {
     }
 
     private func seconds(since start: ContinuousClock.Instant) -> Double {
-        let elapsed = ContinuousClock.now - start
-        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18
+        (ContinuousClock.now - start).seconds
     }
 
     private func finishJob() {

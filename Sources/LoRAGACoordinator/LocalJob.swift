@@ -58,25 +58,17 @@ public struct LocalJob {
         case .power:
             svd = try randomizedSVD(of: &blocks, parameters: settings.randomizedSVD, layerName: layer.name)
             factors = LoRAFactors(svd: svd, configuration: settings.lora)
-            fidelity = estimatesFidelity ? try LocalJob.onePassFidelity(of: &blocks, svd: svd, factors: factors) : nil
+            // One more read, not two: the expanded residual is accurate at real gradients' tails.
+            fidelity = estimatesFidelity ? try estimatedFidelity(of: &blocks, svd: svd, factors: factors, exactResidual: false) : nil
         }
         let elapsed = ContinuousClock.now - clock
         let report = LayerReport(
             name: layer.name, outFeatures: layer.rows, inFeatures: layer.cols, mode: settings.mode,
             singularValues: svd.s.map(Double.init), fidelityEstimate: fidelity,
-            seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18,
+            seconds: elapsed.seconds,
             bytesIn: blocks.bytesRead)
         try store.record(layer: layer, factors: factors, svd: svd, report: report)
         return report
-    }
-
-    /// One more streamed pass: the expanded residual (DESIGN.md §1) and ‖G‖², so the
-    /// power mode reports fidelity at the cost of one pass instead of two.
-    static func onePassFidelity(of blocks: inout SummedRowBlocks, svd: TruncatedSVD, factors: LoRAFactors) throws -> Double {
-        var accumulator = try FidelityAccumulator(factors: factors)
-        try blocks.forEachRowBlock { accumulator.add($0) }
-        let tail = Fidelity.tailNorm(gradientNormSquared: accumulator.gradientNormSquared, topSingularValues: svd.s.map(Double.init))
-        return Fidelity.ratio(residualNorm: accumulator.residualNorm, tailNorm: tail, gradientNorm: accumulator.gradientNormSquared.squareRoot())
     }
 
     public static func describe(_ report: LayerReport) -> String {

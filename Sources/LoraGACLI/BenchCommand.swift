@@ -239,7 +239,3 @@ private extension Matrix {
         return matrix
     }
 }
-
-private extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) * 1e-18 }
-}

@@ -77,7 +77,7 @@ struct WorkerCommand: AsyncParsableCommand {
                 """)
             if let summaryFile {
                 let elapsed = ContinuousClock.now - started
-                try ProcessSummary(role: workerID, bytes: summary.bytesSent, seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) * 1e-18,
+                try ProcessSummary(role: workerID, bytes: summary.bytesSent, seconds: elapsed.seconds,
                                    inputBytes: summary.inputBytes).write(to: summaryFile)
             }
         } catch {

@@ -50,20 +50,21 @@ public struct LayerAccumulator: Sendable {
             let svd = try randomizedSVD(of: &source, parameters: settings.randomizedSVD, layerName: name)
             let factors = LoRAFactors(svd: svd, configuration: settings.lora)
             // The residual pass works per block: blocks of ~8 MB keep its scratch small.
-            let blocked = InMemoryRowBlocks(g, blockRows: Swift.max(1, (8 << 20) / Swift.max(1, 4 * cols)))
-            return (factors, svd, try estimatedFidelity(of: blocked, svd: svd, factors: factors))
+            var blocked = InMemoryRowBlocks(g, blockRows: Swift.max(1, (8 << 20) / Swift.max(1, 4 * cols)))
+            return (factors, svd, try estimatedFidelity(of: &blocked, svd: svd, factors: factors))
         }
         let svd = try sketch!.truncatedSVD()
         return (LoRAFactors(svd: svd, configuration: settings.lora), svd, nil)
     }
 }
 
-/// Exact residual (two passes over G) against ‖G‖² − Σ ŝ², the tail implied by the singular values found.
-public func estimatedFidelity<Source: RowBlockSource>(of source: Source, svd: TruncatedSVD, factors: LoRAFactors) throws -> Double {
-    var source = source
+/// The residual against ‖G‖² − Σ ŝ², the tail implied by the singular values found. With
+/// `exactResidual` the residual is summed directly in a second pass (exact even when it is
+/// tiny next to ‖G‖); without, one pass and the expanded form (DESIGN.md §1).
+public func estimatedFidelity<Source: RowBlockSource>(of source: inout Source, svd: TruncatedSVD, factors: LoRAFactors, exactResidual: Bool = true) throws -> Double {
     var accumulator = try FidelityAccumulator(factors: factors)
     try source.forEachRowBlock { accumulator.add($0) }
-    try source.forEachRowBlock { accumulator.addResidual($0) }
+    if exactResidual { try source.forEachRowBlock { accumulator.addResidual($0) } }
     let tail = Fidelity.tailNorm(gradientNormSquared: accumulator.gradientNormSquared, topSingularValues: svd.s.map(Double.init))
     return Fidelity.ratio(residualNorm: accumulator.residualNorm, tailNorm: tail, gradientNorm: accumulator.gradientNormSquared.squareRoot())
 }
