@@ -9,6 +9,10 @@ void sgeqrf_(const int *m, const int *n, float *a, const int *lda, float *tau,
              float *work, const int *lwork, int *info);
 void sorgqr_(const int *m, const int *n, const int *k, float *a, const int *lda,
              const float *tau, float *work, const int *lwork, int *info);
+void sgelqf_(const int *m, const int *n, float *a, const int *lda, float *tau,
+             float *work, const int *lwork, int *info);
+void sorglq_(const int *m, const int *n, const int *k, float *a, const int *lda,
+             const float *tau, float *work, const int *lwork, int *info);
 void sgesdd_(const char *jobz, const int *m, const int *n, float *a, const int *lda,
              float *s, float *u, const int *ldu, float *vt, const int *ldvt,
              float *work, const int *lwork, int *iwork, int *info, size_t jobz_len);

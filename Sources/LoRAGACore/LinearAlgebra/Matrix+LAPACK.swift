@@ -20,15 +20,17 @@ public struct SVDResult: Sendable {
 
 extension Matrix {
     /// An orthonormal basis of the column space of a tall matrix (rows ≥ cols), by
-    /// Householder QR (sgeqrf + sorgqr). Householder keeps Q orthonormal in float32 even
+    /// Householder LQ of the transpose (sgelqf + sorglq). Householder keeps Q orthonormal in float32 even
     /// when the columns are nearly dependent, which power iterations need (Halko et al. §4.5).
     public func orthonormalizedColumns() throws -> Matrix {
         precondition(rows >= cols, "orthonormalizedColumns needs rows ≥ cols, got \(rows)×\(cols)")
         guard cols > 0 else { return self }
-        // Row-major self is column-major selfᵀ; LAPACK wants column-major self: transpose.
-        var columnMajor = transposed().storage
-        try Matrix.householderQ(&columnMajor, m: rows, n: cols)
-        return Matrix(rows: cols, cols: rows, storage: columnMajor).transposed()
+        // Row-major self is column-major selfᵀ (cols × rows, wide). Its LQ factorization
+        // selfᵀ = L·Q leaves Q (orthonormal rows) in that buffer, and read back row-major it is
+        // Qᵀ: orthonormal columns spanning self's, with no transposed copies.
+        var columnMajor = storage
+        try Matrix.householderLQ(&columnMajor, m: cols, n: rows)
+        return Matrix(rows: rows, cols: cols, storage: columnMajor)
     }
 
     /// Pᵀ for P = an orthonormal basis of the row space of a wide matrix (rows ≤ cols), i.e.
@@ -60,6 +62,26 @@ extension Matrix {
         if Int(lwork) > work.count { work = [Float](repeating: 0, count: Int(lwork)) }
         sorgqr_(&m, &n, &k, &a, &lda, &tau, &work, &lwork, &info)
         guard info == 0 else { throw LAPACKError(routine: "sorgqr", info: info) }
+    }
+
+    /// Overwrites a column-major m×n buffer (m ≤ n) with the Q of its LQ factorization.
+    static func householderLQ(_ a: inout [Float], m rowCount: Int, n columnCount: Int) throws {
+        var m = Int32(rowCount), n = Int32(columnCount), lda = Int32(rowCount), info: Int32 = 0
+        var tau = [Float](repeating: 0, count: rowCount)
+        var workSize: Float = 0
+        var query: Int32 = -1
+        sgelqf_(&m, &n, &a, &lda, &tau, &workSize, &query, &info)
+        var lwork = Int32(workSize)
+        var work = [Float](repeating: 0, count: Int(Swift.max(lwork, 1)))
+        sgelqf_(&m, &n, &a, &lda, &tau, &work, &lwork, &info)
+        guard info == 0 else { throw LAPACKError(routine: "sgelqf", info: info) }
+        var k = m
+        query = -1
+        sorglq_(&m, &n, &k, &a, &lda, &tau, &workSize, &query, &info)
+        lwork = Int32(workSize)
+        if Int(lwork) > work.count { work = [Float](repeating: 0, count: Int(lwork)) }
+        sorglq_(&m, &n, &k, &a, &lda, &tau, &work, &lwork, &info)
+        guard info == 0 else { throw LAPACKError(routine: "sorglq", info: info) }
     }
 
     /// Thin SVD by divide and conquer (sgesdd, JOBZ = 'S').
