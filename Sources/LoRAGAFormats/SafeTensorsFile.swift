@@ -18,8 +18,9 @@ public final class SafeTensorsFile {
     /// Absolute file offset of the data section, 8 + N.
     public let dataSectionOffset: Int
 
-    /// Upper bound on the staging buffer: larger requests are converted in chunks.
-    static let stagingLimit = 4 << 20
+    /// Upper bound on the staging buffer: larger requests are converted in chunks that stay
+    /// in L2 between the read and the conversion (512 KB: as fast as 4 MB chunks, 1/8 the memory).
+    static let stagingLimit = 512 << 10
 
     private let file: PosixFile
     private let indexByName: [String: Int]
