@@ -46,7 +46,11 @@ public struct LocalJob {
     /// One layer: stream its summed row blocks through the mode's accumulator, factor, checkpoint.
     func solve(_ layer: GradientLayer) throws -> LayerReport {
         let clock = ContinuousClock.now
-        var blocks = files.rowBlocks(of: layer)
+        var blocks = switch settings.mode {
+        case .power: files.rowBlocks(of: layer, productWidth: settings.randomizedSVD.sketchWidth(rows: layer.rows, cols: layer.cols))
+        case .sketch: files.rowBlocks(of: layer, productWidth: settings.sketchWidth, minimumRows: 128)
+        case .dense: files.rowBlocks(of: layer)
+        }
         let factors: LoRAFactors
         let svd: TruncatedSVD
         let fidelity: Double?

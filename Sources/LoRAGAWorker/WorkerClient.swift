@@ -272,11 +272,14 @@ final class GradientReader: @unchecked Sendable {
         lock.withLock { _ = sources.removeValue(forKey: layer.name) }
     }
 
-    private func withSource<T>(_ layer: GradientLayer, blockRows: Int? = nil, _ body: (inout SummedRowBlocks) throws -> T) rethrows -> T {
+    /// - Parameter productWidth: k of the power requests the source answers (sizes its blocks).
+    private func withSource<T>(_ layer: GradientLayer, blockRows: Int? = nil, productWidth: Int? = nil, _ body: (inout SummedRowBlocks) throws -> T) rethrows -> T {
         try lock.withLock {
             // Take it out while in use: a copy left in the dictionary would make every block
             // write copy the whole buffer (copy-on-write; profiled at a third of the worker's CPU).
-            var source = sources.removeValue(forKey: layer.name) ?? files.rowBlocks(of: layer)
+            var source = sources.removeValue(forKey: layer.name)
+                ?? productWidth.map { files.rowBlocks(of: layer, productWidth: $0) }
+                ?? files.rowBlocks(of: layer)
             if let blockRows, source.blockRows < blockRows {
                 source = SummedRowBlocks(files: files.files, layer: layer, blockRows: blockRows)
             }
@@ -305,7 +308,7 @@ final class GradientReader: @unchecked Sendable {
     /// G_w · X or G_wᵀ · X for a power-iteration request on `layer`.
     func answer(_ request: PowerRequest, layer: GradientLayer) throws -> PowerReply {
         let x = Matrix(rows: Int(request.matrixRows), cols: Int(request.matrixCols), storage: request.values)
-        let product: Matrix = try withSource(layer) { source in
+        let product: Matrix = try withSource(layer, productWidth: x.cols) { source in
             switch request.side {
             case .range: return try source.product(with: x)
             case .corange: return try source.transposedProduct(with: x)
