@@ -123,6 +123,9 @@ public actor CoordinatorEngine {
         return nextConnection
     }
 
+    /// Connections not yet closed (workers hang up once they have read JobDone).
+    public var openConnections: Int { outbound.count }
+
     public func closed(_ connection: JobStateMachine.ConnectionID) {
         outbound.removeValue(forKey: connection)?.finish()
         challenges[connection] = nil

@@ -68,13 +68,14 @@ public struct CoordinatorServer: Sendable {
                 return nil
             }
             group.addTask {
-                // The job's end: give connections a moment to deliver JobDone / errors, then stop accepting.
+                // The job's end: let connections deliver JobDone / errors (workers hang up when
+                // they have read it), then stop accepting.
                 do {
                     let summary = try await engine.result()
-                    try? await Task.sleep(for: .milliseconds(500))
+                    await CoordinatorServer.waitForHangUps(engine, atMost: .milliseconds(500))
                     return summary
                 } catch {
-                    try? await Task.sleep(for: .milliseconds(500))
+                    await CoordinatorServer.waitForHangUps(engine, atMost: .milliseconds(500))
                     throw error
                 }
             }
@@ -93,6 +94,14 @@ public struct CoordinatorServer: Sendable {
             group.cancelAll()
             guard let outcome else { throw JobError("the coordinator stopped listening before the job finished") }
             return outcome
+        }
+    }
+
+    /// Returns once every connection has closed, or after `limit`.
+    static func waitForHangUps(_ engine: CoordinatorEngine, atMost limit: Duration) async {
+        let deadline = ContinuousClock.now + limit
+        while await engine.openConnections > 0, ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(5))
         }
     }
 
