@@ -72,6 +72,8 @@ public actor CoordinatorEngine {
 
     // Per open layer.
     private var accumulators: [Int: LayerAccumulator] = [:]
+    /// Dense and sketch SVDs run here (a dedicated thread: BLAS never on the cooperative pool).
+    private let finalizeQueue = DispatchQueue(label: "lora-ga.finalize")
     private var progress: [Int: [String: Progress]] = [:]
     private var finders: [Int: RangeFinder] = [:]
     private var powerReplies: [Int: [String: Matrix]] = [:]
@@ -309,7 +311,7 @@ public actor CoordinatorEngine {
                 layerBytes[index] = 0
                 openLayer(index)
             case .finalizeLayer(let index):
-                finalize(index, svd: nil)
+                finalizeInBackground(index)
             case .powerRoundComplete(let index):
                 completePowerRound(index)
             case .finishJob:
@@ -420,37 +422,56 @@ public actor CoordinatorEngine {
         }
     }
 
-    private func finalize(_ index: Int, svd powerResult: TruncatedSVD?) {
+    /// A power-mode layer: the range finder's result is the SVD; factors cost nothing.
+    private func finalize(_ index: Int, svd: TruncatedSVD) {
+        let transferred = layerStarted[index].map { seconds(since: $0) } ?? 0
+        let factors = LoRAFactors(svd: svd, configuration: options.settings.lora)
+        // ‖Σ G_w‖ is not linear in the workers' data: `lora-ga verify` measures fidelity.
+        record(index, factors: factors, svd: svd, fidelity: nil, transferred: transferred, computed: 0)
+    }
+
+    /// A dense or sketch layer every worker committed: its SVD runs on the finalize thread
+    /// while this one keeps taking the next open layer's shards (the machine's window), so
+    /// ingest does not stop for factorization. A committed layer is never restarted, and
+    /// the result is dropped if the job ended meanwhile.
+    private func finalizeInBackground(_ index: Int) {
+        guard let accumulator = accumulators.removeValue(forKey: index) else { return }
+        let transferred = layerStarted[index].map { seconds(since: $0) } ?? 0
+        let settings = options.settings
+        let queue = finalizeQueue
+        Task {
+            let started = ContinuousClock.now
+            let result = await withCheckedContinuation { continuation in
+                queue.async { continuation.resume(returning: Result { try accumulator.finish(settings: settings) }) }
+            }
+            guard self.outcome == nil else { return }
+            switch result {
+            case .success(let (factors, svd, fidelity)):
+                self.record(index, factors: factors, svd: svd, fidelity: fidelity, transferred: transferred, computed: self.seconds(since: started))
+            case .failure(let error):
+                self.perform(self.machine.fail("layer '\(accumulator.name)': \(error)"))
+            }
+        }
+    }
+
+    /// Checkpoints a finished layer, logs it, and tells the state machine.
+    private func record(_ index: Int, factors: LoRAFactors, svd: TruncatedSVD, fidelity: Double?, transferred: Double, computed: Double) {
         let layer = machine.layers![index]
         let settings = options.settings
-        // Transfer time (first LayerBegin to the last commit or reply) and compute time, apart.
-        let transferred = layerStarted[index].map { seconds(since: $0) } ?? 0
-        let finalizeStart = ContinuousClock.now
+        let bytes = layerBytes[index] ?? 0
+        let report = LayerReport(name: layer.name, outFeatures: layer.rows, inFeatures: layer.cols, mode: settings.mode,
+                                 singularValues: svd.s.map(Double.init), fidelityEstimate: fidelity, seconds: transferred + computed, bytesIn: bytes)
         do {
-            let factors: LoRAFactors
-            let svd: TruncatedSVD
-            let fidelity: Double?
-            if let powerResult {
-                svd = powerResult
-                factors = LoRAFactors(svd: svd, configuration: settings.lora)
-                fidelity = nil   // ‖Σ G_w‖ is not linear in the workers' data: verify measures it
-            } else {
-                (factors, svd, fidelity) = try accumulators[index]!.finish(settings: settings)
-            }
-            let computed = seconds(since: finalizeStart)
-            let bytes = layerBytes[index] ?? 0
-            let report = LayerReport(name: layer.name, outFeatures: layer.rows, inFeatures: layer.cols, mode: settings.mode,
-                                     singularValues: svd.s.map(Double.init), fidelityEstimate: fidelity, seconds: transferred + computed, bytesIn: bytes)
             try store!.record(layer: layer, factors: factors, svd: svd, report: report)
-            let done = machine.finished.count + 1
-            // In power mode the time before finalizing is rounds of worker compute, not transfer.
-            let timing = settings.mode == .power
-                ? String(format: "%d power passes %.2f s, factors %.2f s", settings.passes, transferred, computed)
-                : String(format: "transfer %.2f s (%.0f MB/s), factors %.2f s", transferred, Double(bytes) / 1e6 / max(transferred, 1e-9), computed)
-            logger.info("[\(done)/\(machine.layers!.count)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received")); \(timing)")
         } catch {
             return perform(machine.fail("layer '\(layer.name)': \(error)"))
         }
+        let done = machine.finished.count + 1
+        // In power mode the time before finalizing is rounds of worker compute, not transfer.
+        let timing = settings.mode == .power
+            ? String(format: "%d power passes %.2f s, factors %.2f s", settings.passes, transferred, computed)
+            : String(format: "transfer %.2f s (%.0f MB/s), factors %.2f s", transferred, Double(bytes) / 1e6 / max(transferred, 1e-9), computed)
+        logger.info("[\(done)/\(machine.layers!.count)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received")); \(timing)")
         accumulators[index] = nil
         progress[index] = nil
         finders[index] = nil
