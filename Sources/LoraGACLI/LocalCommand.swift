@@ -88,7 +88,7 @@ struct LocalCommand: ParsableCommand {
                 coordinator.terminate()
                 throw ValidationError("the coordinator did not start listening within 30 s")
             }
-            Thread.sleep(forTimeInterval: 0.05)
+            Thread.sleep(forTimeInterval: 0.005)   // the port file is written atomically
         }
         let workerProcesses = try shares.enumerated().map { index, share in
             try launch(workerPath, ["--connect", "127.0.0.1:\(port!)", "--id", "worker\(index)", "--secret-file", secretFile,
