@@ -119,6 +119,14 @@ public final class GradientFileSet {
                         blockRows: SummedRowBlocks.blockRows(cols: layer.cols, productWidth: productWidth, minimumRows: minimumRows))
     }
 
+    /// Rows `range` of `layer` summed over every file into `destination` (rows × cols floats),
+    /// checked for NaN/Inf (an error names the file, layer and row).
+    public func readSummedRows(of layer: GradientLayer, rows range: Range<Int>, into destination: Slice<UnsafeMutableBufferPointer<Float>>) throws {
+        precondition(destination.count == range.count * layer.cols && range.upperBound <= layer.rows,
+                     "\(destination.count) floats for rows \(range) of \(layer.rows)×\(layer.cols)")
+        try SummedRowBlocks.fill(UnsafeMutableBufferPointer(rebasing: destination), files: files, layer: layer, rows: range)
+    }
+
     /// Row blocks of `layer` summed over every file, 128 rows (at most 16 MB) each: for
     /// streaming passes with no wide operand (verification, dense and sketch accumulation).
     public func rowBlocks(of layer: GradientLayer) -> SummedRowBlocks {

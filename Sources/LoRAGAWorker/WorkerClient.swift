@@ -290,7 +290,11 @@ final class GradientReader: @unchecked Sendable {
 
     /// Rows `range` of the summed layer in the payload dtype, plus a zstd'd shuffled copy when asked.
     func encode(_ layer: GradientLayer, rows range: Range<Int>, as dtype: TensorDType, compress: Bool) throws -> EncodedShard {
-        try withSource(layer, blockRows: range.count) { source in
+        let count = range.count * layer.cols
+        if dtype == .f32, !compress, let buffer = try readF32Payload(layer, rows: range, count: count) {
+            return EncodedShard(uncompressed: buffer, compressed: nil)
+        }
+        return try withSource(layer, blockRows: range.count) { source in
             try source.withSummedRows(range) { block in
                 var buffer = ByteBufferAllocator().buffer(capacity: block.values.count * dtype.byteSize)
                 buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: block.values.count * dtype.byteSize) { raw in
@@ -303,6 +307,21 @@ final class GradientReader: @unchecked Sendable {
                 return EncodedShard(uncompressed: buffer, compressed: ByteBuffer(bytes: packed))
             }
         }
+    }
+
+    /// F32 payloads are read (and summed) straight into the frame's buffer: one copy fewer
+    /// per shard than going through the block buffer. Nil if the buffer is not Float-aligned.
+    private func readF32Payload(_ layer: GradientLayer, rows range: Range<Int>, count: Int) throws -> ByteBuffer? {
+        var buffer = ByteBufferAllocator().buffer(capacity: count * 4)
+        let aligned = buffer.withUnsafeMutableWritableBytes { Int(bitPattern: $0.baseAddress) % MemoryLayout<Float>.alignment == 0 }
+        guard aligned else { return nil }
+        try lock.withLock {
+            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count * 4) { raw in
+                try files.readSummedRows(of: layer, rows: range, into: raw.bindMemory(to: Float.self).prefix(count))
+                return count * 4
+            }
+        }
+        return buffer
     }
 
     /// G_w · X or G_wᵀ · X for a power-iteration request on `layer`.
