@@ -6,6 +6,7 @@ import Testing
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGACoordinator
+import LoRAGAWire
 import LoRAGAWorker
 
 /// Coordinator and workers end to end over real loopback TCP, in one test process.
@@ -161,6 +162,66 @@ import LoRAGAWorker
             let message = "\(error)"
             #expect(message.contains("worker 'w1'") && message.contains("x.weight") && message.contains("row 17"), "\(message)")
         }
+    }
+
+    /// The coordinator does not trust workers' own checks: a hand-written client that skips
+    /// them and sends a NaN in an F32 or a BF16 shard fails the job naming worker, layer and
+    /// row, and no adapter is written.
+    @Test(arguments: [TensorDType.f32, .bf16])
+    func aNaNShardFromAWorkerThatSkipsItsChecksFailsTheJob(dtype: TensorDType) async throws {
+        var options = CoordinatorOptions(settings: JobSettings(lora: LoRAConfiguration(rank: 2, alpha: 4), mode: .dense),
+                                         expectedWorkers: 1, outputDirectory: try Fixtures.scratch("nan-raw-out"))
+        options.payloadDType = dtype
+        options.gatherTimeout = .seconds(30)
+        options.rejoinTimeout = .seconds(2)   // if the NaN went unnoticed, the job fails on the hang-up instead of hanging
+        let server = CoordinatorServer(host: "127.0.0.1", port: 0, options: options, logger: Self.quiet)
+        let (ports, continuation) = AsyncStream<Int>.makeStream()
+        async let summary = server.run { port, _ in continuation.yield(port) }
+        var iterator = ports.makeAsyncIterator()
+        let port = await iterator.next()!
+        let (rows, cols, badRow) = (64, 48, 17)
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
+                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder()))
+                    return try NIOAsyncChannel<WireMessage, WireMessage>(wrappingChannelSynchronously: channel)
+                }
+            }
+        // The coordinator should hang up at once; if it does not, give up after 10 s.
+        let watchdog = Task {
+            try await Task.sleep(for: .seconds(10))
+            try await channel.channel.close()
+        }
+        defer { watchdog.cancel() }
+        try? await channel.executeThenClose { inbound, outbound in
+            var messages = inbound.makeAsyncIterator()
+            _ = try await messages.next()   // Challenge: the job has no secret
+            try await outbound.write(.hello(Hello(workerID: "rogue", sessionNonce: 1)))
+            try await outbound.write(.announce(Announce(layers: [LayerInfo(name: "x.weight", rows: UInt64(rows), cols: UInt64(cols), sourceDType: .f32)])))
+            while let message = try await messages.next() {
+                guard case .layerBegin(let begin) = message else { continue }
+                var values = [Float](repeating: 0.25, count: rows * cols)
+                values[badRow * cols + 7] = .nan
+                var payload = ByteBufferAllocator().buffer(capacity: values.count * 4)
+                payload.writeWithUnsafeMutableBytes(minimumWritableBytes: values.count * 4) { raw in
+                    values.withUnsafeBufferPointer { FloatCodec.encode($0, as: dtype, into: raw) }
+                    return values.count * dtype.byteSize
+                }
+                try await outbound.write(.shard(Shard(layerIndex: begin.layerIndex, rowStart: 0, rowCount: UInt32(rows), cols: UInt64(cols),
+                                                      dtype: dtype == .f32 ? .f32 : .bf16, payload: payload, attempt: begin.attempt)))
+                break
+            }
+            while try await messages.next() != nil {}   // until the coordinator hangs up
+        }
+        do {
+            let result = try await summary
+            Issue.record("the job finished: \(result)")
+        } catch {
+            let message = "\(error)"
+            #expect(message.contains("worker 'rogue'") && message.contains("x.weight") && message.contains("row \(badRow)"), "\(message)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: options.outputDirectory + "/adapter_model.safetensors"))
     }
 
     actor Gate {
