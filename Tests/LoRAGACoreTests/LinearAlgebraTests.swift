@@ -2,7 +2,7 @@ import Testing
 @testable import LoRAGACore
 
 @Suite struct LinearAlgebraTests {
-    func gaussian(_ rows: Int, _ cols: Int, seed: UInt64 = 7) -> Matrix {
+    func gaussian(_ rows: Int, _ cols: Int, seed: UInt64 = 7) -> Matrix {   // near-normal test-matrix entries
         TestMatrixGenerator(seed: seed, layerName: "test").matrix(rowCount: rows, width: cols, kind: .range)
     }
 

@@ -1,7 +1,7 @@
 import Foundation
 
 /// A synthetic gradient with a known spectrum: G = U · diag(s) · Vᵀ with U [rows × ρ] and
-/// V [cols × ρ] orthonormal (QR of Gaussians) and s_i = s₁ · i^(−decay). The exact top-2r
+/// V [cols × ρ] orthonormal (QR of random test matrices) and s_i = s₁ · i^(−decay). The exact top-2r
 /// answer is known without an SVD, so huge layers can be checked. Split across workers as
 /// G_w = G / W + E_w with Σ_w E_w = 0: no single worker's file is the answer, only the sum.
 public struct PlantedGradient: Sendable {

@@ -121,7 +121,7 @@ public struct RangeFinder: Sendable {
         fusesPairs && parameters.passes - passesDone >= 3 ? .gram(basis) : .range(basis)
     }
 
-    /// The first request: Y = G Ω with a Gaussian Ω regenerated from (seed, layer).
+    /// The first request: Y = G Ω with a random Ω regenerated from (seed, layer).
     public mutating func start() -> Step {
         let omega = TestMatrixGenerator(seed: parameters.seed, layerName: layerName)
             .matrix(rowCount: cols, width: sketchWidth, kind: .range)

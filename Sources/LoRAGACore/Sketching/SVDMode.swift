@@ -19,7 +19,7 @@ public enum SVDMode: String, Sendable, CaseIterable, Codable {
 /// | power, p = 2r, 6 passes         | 1.0005 | 1.0001 |
 /// | sketch, k = 96                  | 1.0378 | 1.1342 |
 /// | sketch, k = 128                 | 1.0102 | 1.0397 |
-/// | sketch, k = 4r + 128 (ours)     | 1.0026 | 1.0025 |
+/// | sketch, k = 4r + 128 (ours)     | 1.0022 | 1.0024 |
 ///
 /// Single-pass sketches do worse on planted flat spectra (s_i ∝ i^-0.8, 1024×2048, r = 16:
 /// 1.13 at k = 192, 1.08 at k = 256): real gradients decay faster than that in their head.
