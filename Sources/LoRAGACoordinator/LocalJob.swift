@@ -70,7 +70,8 @@ public struct LocalJob {
             name: layer.name, outFeatures: layer.rows, inFeatures: layer.cols, mode: settings.mode,
             singularValues: svd.s.map(Double.init), fidelityEstimate: fidelity,
             seconds: elapsed.seconds,
-            bytesIn: blocks.bytesRead)
+            bytesIn: blocks.bytesRead,
+            gemmSeconds: settings.mode == .dense ? nil : blocks.blockWorkSeconds)
         try store.record(layer: layer, factors: factors, svd: svd, report: report)
         return report
     }

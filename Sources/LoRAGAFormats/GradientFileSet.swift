@@ -143,6 +143,9 @@ public struct SummedRowBlocks: RowBlockSource {
     public let blockRows: Int
     /// Gradient bytes read from disk so far, over all passes.
     public private(set) var bytesRead = 0
+    /// Seconds spent in the callers' block bodies (their GEMMs), not waiting for reads: how fast
+    /// the products themselves run, apart from how fast the files can be read and summed.
+    public private(set) var blockWorkSeconds = 0.0
     /// For `withSummedRows`; allocated on first use (streaming passes use the prefetcher's buffers).
     private var buffer: [Float] = []
     private var prefetcher: PrefetchingReader?
@@ -195,7 +198,15 @@ public struct SummedRowBlocks: RowBlockSource {
     public mutating func forEachRowBlock(_ body: (RowBlock) throws -> Void) throws {
         let ranges = stride(from: 0, to: layer.rows, by: blockRows).map { $0..<Swift.min($0 + blockRows, layer.rows) }
         guard ranges.count > 1 else {
-            if let only = ranges.first { try withSummedRows(only, body) }
+            if let only = ranges.first {
+                var work = 0.0
+                try withSummedRows(only) { block in
+                    let started = ContinuousClock.now
+                    try body(block)
+                    work = (ContinuousClock.now - started).seconds
+                }
+                blockWorkSeconds += work
+            }
             return
         }
         let reader = prefetcher ?? PrefetchingReader(files: files, layer: layer, blockElements: blockRows * layer.cols)
@@ -207,8 +218,10 @@ public struct SummedRowBlocks: RowBlockSource {
             let slot = position % 2
             if position + 1 < ranges.count { reader.start(ranges[position + 1], slot: 1 - slot, scan: scan) }
             do {
+                let started = ContinuousClock.now
                 try body(RowBlock(rowStart: range.lowerBound, rowCount: range.count, cols: layer.cols,
                                   values: UnsafeBufferPointer(rebasing: reader.buffers[slot][0..<(range.count * layer.cols)])))
+                blockWorkSeconds += (ContinuousClock.now - started).seconds
             } catch {
                 try? reader.wait()   // never leave the helper writing into a buffer we give up
                 throw error

@@ -52,8 +52,12 @@ public struct LayerReport: Sendable, Equatable, Codable {
     public var seconds: Double
     /// Gradient bytes read or received for this layer.
     public var bytesIn: Int
+    /// Seconds inside the products with G's row blocks (the GEMMs; with `--estimate-fidelity`
+    /// also that pass), when one process ran them over its files (`init` in power and sketch
+    /// mode); `seconds` also holds waiting for the files to be read and summed.
+    public var gemmSeconds: Double?
 
-    public init(name: String, outFeatures: Int, inFeatures: Int, mode: SVDMode, singularValues: [Double], fidelityEstimate: Double?, seconds: Double, bytesIn: Int) {
+    public init(name: String, outFeatures: Int, inFeatures: Int, mode: SVDMode, singularValues: [Double], fidelityEstimate: Double?, seconds: Double, bytesIn: Int, gemmSeconds: Double? = nil) {
         self.name = name
         self.outFeatures = outFeatures
         self.inFeatures = inFeatures
@@ -62,5 +66,6 @@ public struct LayerReport: Sendable, Equatable, Codable {
         self.fidelityEstimate = fidelityEstimate
         self.seconds = seconds
         self.bytesIn = bytesIn
+        self.gemmSeconds = gemmSeconds
     }
 }
