@@ -128,7 +128,7 @@ public final class GradientFileSet {
     }
 
     /// Row blocks of `layer` summed over every file, 128 rows (at most 16 MB) each: for
-    /// streaming passes with no wide operand (verification, dense and sketch accumulation).
+    /// streaming passes with no wide operand (verification, dense accumulation, shards a worker sends).
     public func rowBlocks(of layer: GradientLayer) -> SummedRowBlocks {
         SummedRowBlocks(files: files, layer: layer, blockRows: Swift.min(128, SummedRowBlocks.blockRows(cols: layer.cols, targetBytes: 16 << 20)))
     }

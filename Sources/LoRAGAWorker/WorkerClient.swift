@@ -317,7 +317,9 @@ final class GradientReader: @unchecked Sendable {
         guard aligned else { return nil }
         try lock.withLock {
             try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count * 4) { raw in
-                try files.readSummedRows(of: layer, rows: range, into: raw.bindMemory(to: Float.self).prefix(count))
+                try UnsafeMutableRawBufferPointer(rebasing: raw[0..<(count * 4)]).withMemoryRebound(to: Float.self) { floats in
+                    try files.readSummedRows(of: layer, rows: range, into: floats[...])
+                }
                 return count * 4
             }
         }
