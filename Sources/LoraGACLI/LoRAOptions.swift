@@ -43,7 +43,7 @@ struct LoRAOptions: ParsableArguments {
     @Option(help: "power (default): re-read the gradient in row blocks, two passes per read (memory (out+in)·k); dense: hold each layer's sum and read it once (memory out·in); sketch: one streamed pass into sketches (memory (out+in)·k, less exact).")
     var mode: SVDMode = .power
 
-    @Option(help: "Oversampling p (dense, power): sketch width k = 2r + p. Default 2r.")
+    @Option(help: "Oversampling p (dense, power): sketch width k = 2r + p. Default r + min(r, 16): 2r up to r = 16, then r + 16.")
     var oversampling: Int?
 
     @Option(help: "Applications of G or Gᵀ (dense, power), at least 2. Default \(SVDDefaults.passes).")

@@ -34,7 +34,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
     @Option(help: "stable (default), unit or gd.") var scale: String?
     @Option(help: "γ of the stable scale (default 16).") var gamma: Double?
     @Option(help: "power (default): workers keep their gradients and answer power-iteration rounds, sending (out+in)·k per round; dense: workers send each layer, summed here (memory out·in); sketch: shards folded into (out+in)·k sketches in one pass.") var mode: String?
-    @Option(help: "Oversampling p (dense, power; default 2r).") var oversampling: Int?
+    @Option(help: "Oversampling p (dense, power; default r + min(r, 16)).") var oversampling: Int?
     @Option(help: "Passes over G (dense, power; default \(SVDDefaults.passes)).") var passes: Int?
     @Option(help: "Sketch width k (sketch; default 4r + 128).") var sketchWidth: Int?
     @Option(help: "Seed of the test matrices.") var seed: UInt64?
