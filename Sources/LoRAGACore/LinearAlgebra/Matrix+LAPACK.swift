@@ -29,7 +29,7 @@ extension Matrix {
         // selfᵀ = L·Q leaves Q (orthonormal rows) in that buffer, and read back row-major it is
         // Qᵀ: orthonormal columns spanning self's, with no transposed copies.
         var columnMajor = storage
-        try Matrix.householderLQ(&columnMajor, m: cols, n: rows)
+        try Matrix.householderQ(&columnMajor, m: cols, n: rows, .lq)
         return Matrix(rows: rows, cols: cols, storage: columnMajor)
     }
 
@@ -40,48 +40,40 @@ extension Matrix {
         precondition(rows <= cols, "orthonormalizedRows needs rows ≤ cols, got \(rows)×\(cols)")
         guard rows > 0 else { return self }
         var columnMajor = storage
-        try Matrix.householderQ(&columnMajor, m: cols, n: rows)
+        try Matrix.householderQ(&columnMajor, m: cols, n: rows, .qr)
         return Matrix(rows: rows, cols: cols, storage: columnMajor)
     }
 
-    /// Overwrites a column-major m×n buffer (m ≥ n) with the Q of its QR factorization.
-    static func householderQ(_ a: inout [Float], m rowCount: Int, n columnCount: Int) throws {
-        var m = Int32(rowCount), n = Int32(columnCount), lda = Int32(rowCount), info: Int32 = 0
-        var tau = [Float](repeating: 0, count: columnCount)
-        var workSize: Float = 0
-        var query: Int32 = -1
-        sgeqrf_(&m, &n, &a, &lda, &tau, &workSize, &query, &info)
-        var lwork = Int32(workSize)
-        var work = [Float](repeating: 0, count: Int(Swift.max(lwork, 1)))
-        sgeqrf_(&m, &n, &a, &lda, &tau, &work, &lwork, &info)
-        guard info == 0 else { throw LAPACKError(routine: "sgeqrf", info: info) }
-        var k = n
-        query = -1
-        sorgqr_(&m, &n, &k, &a, &lda, &tau, &workSize, &query, &info)
-        lwork = Int32(workSize)
-        if Int(lwork) > work.count { work = [Float](repeating: 0, count: Int(lwork)) }
-        sorgqr_(&m, &n, &k, &a, &lda, &tau, &work, &lwork, &info)
-        guard info == 0 else { throw LAPACKError(routine: "sorgqr", info: info) }
+    /// Householder factorizations whose orthonormal factor we keep.
+    enum Householder {
+        /// A = Q·R for m ≥ n: Q (m×n) has orthonormal columns (sgeqrf + sorgqr).
+        case qr
+        /// A = L·Q for m ≤ n: Q (m×n) has orthonormal rows (sgelqf + sorglq).
+        case lq
     }
 
-    /// Overwrites a column-major m×n buffer (m ≤ n) with the Q of its LQ factorization.
-    static func householderLQ(_ a: inout [Float], m rowCount: Int, n columnCount: Int) throws {
+    /// Overwrites a column-major m×n buffer with the Q of its QR or LQ factorization.
+    static func householderQ(_ a: inout [Float], m rowCount: Int, n columnCount: Int, _ kind: Householder) throws {
+        // Both pairs of routines take the same arguments; only the names differ.
+        let (factor, form, names) = kind == .qr
+            ? (sgeqrf_, sorgqr_, ("sgeqrf", "sorgqr"))
+            : (sgelqf_, sorglq_, ("sgelqf", "sorglq"))
         var m = Int32(rowCount), n = Int32(columnCount), lda = Int32(rowCount), info: Int32 = 0
-        var tau = [Float](repeating: 0, count: rowCount)
+        var k = Swift.min(m, n)
+        var tau = [Float](repeating: 0, count: Int(k))
         var workSize: Float = 0
         var query: Int32 = -1
-        sgelqf_(&m, &n, &a, &lda, &tau, &workSize, &query, &info)
+        factor(&m, &n, &a, &lda, &tau, &workSize, &query, &info)
         var lwork = Int32(workSize)
         var work = [Float](repeating: 0, count: Int(Swift.max(lwork, 1)))
-        sgelqf_(&m, &n, &a, &lda, &tau, &work, &lwork, &info)
-        guard info == 0 else { throw LAPACKError(routine: "sgelqf", info: info) }
-        var k = m
+        factor(&m, &n, &a, &lda, &tau, &work, &lwork, &info)
+        guard info == 0 else { throw LAPACKError(routine: names.0, info: info) }
         query = -1
-        sorglq_(&m, &n, &k, &a, &lda, &tau, &workSize, &query, &info)
+        form(&m, &n, &k, &a, &lda, &tau, &workSize, &query, &info)
         lwork = Int32(workSize)
         if Int(lwork) > work.count { work = [Float](repeating: 0, count: Int(lwork)) }
-        sorglq_(&m, &n, &k, &a, &lda, &tau, &work, &lwork, &info)
-        guard info == 0 else { throw LAPACKError(routine: "sorglq", info: info) }
+        form(&m, &n, &k, &a, &lda, &tau, &work, &lwork, &info)
+        guard info == 0 else { throw LAPACKError(routine: names.1, info: info) }
     }
 
     /// Thin SVD by divide and conquer (sgesdd, JOBZ = 'S').
