@@ -66,14 +66,7 @@ import LoRAGAWorker
 
     /// Sends `hello` on a fresh connection and reports the coordinator's reply.
     static func sendHello(_ hello: Hello, port: Int) async throws -> String {
-        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .connect(host: "127.0.0.1", port: port) { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
-                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder()))
-                    return try NIOAsyncChannel<WireMessage, WireMessage>(wrappingChannelSynchronously: channel)
-                }
-            }
+        let channel = try await Fixtures.wireConnection(port: port)
         return try await channel.executeThenClose { inbound, outbound in
             var messages = inbound.makeAsyncIterator()
             _ = try await messages.next()   // the challenge, ignored on purpose

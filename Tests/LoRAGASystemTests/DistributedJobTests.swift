@@ -180,14 +180,7 @@ import LoRAGAWorker
         var iterator = ports.makeAsyncIterator()
         let port = await iterator.next()!
         let (rows, cols, badRow) = (64, 48, 17)
-        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .connect(host: "127.0.0.1", port: port) { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
-                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder()))
-                    return try NIOAsyncChannel<WireMessage, WireMessage>(wrappingChannelSynchronously: channel)
-                }
-            }
+        let channel = try await Fixtures.wireConnection(port: port)
         // The coordinator should hang up at once; if it does not, give up after 10 s.
         let watchdog = Task {
             try await Task.sleep(for: .seconds(10))

@@ -1,5 +1,8 @@
 import Foundation
 import LoRAGAFormats
+import LoRAGAWire
+import NIOCore
+import NIOPosix
 
 /// Paths of the bundled fixtures and scratch directories for system tests.
 enum Fixtures {
@@ -14,5 +17,18 @@ enum Fixtures {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("lora-ga-tests-\(safe)-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         return path
+    }
+
+    /// A bare wire-protocol connection to a coordinator on loopback, for tests that play a
+    /// misbehaving or hand-written worker.
+    static func wireConnection(port: Int) async throws -> NIOAsyncChannel<WireMessage, WireMessage> {
+        try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connect(host: "127.0.0.1", port: port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder()))
+                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder()))
+                    return try NIOAsyncChannel<WireMessage, WireMessage>(wrappingChannelSynchronously: channel)
+                }
+            }
     }
 }
