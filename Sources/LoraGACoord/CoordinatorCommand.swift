@@ -69,6 +69,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
         do {
             let settings = try CoordinatorSettings(flags: flags, layers: LayeredSettings(configFile: config))
             BLAS.configureThreads()
+            StreamingMemory.keepFrameBuffersMapped()
             let server = CoordinatorServer(host: settings.host, port: settings.port, options: settings.options, logger: logger)
             let portFile = settings.portFile
             let engine = NIOLockedValueBox<CoordinatorEngine?>(nil)

@@ -37,6 +37,7 @@ struct WorkerCommand: AsyncParsableCommand {
         var logger = Logger(label: "lora-ga-worker")
         logger.logLevel = .info
         let started = ContinuousClock.now
+        StreamingMemory.keepFrameBuffersMapped()
         do {
             let settings = try LayeredSettings(configFile: config)
             let address = settings.text("connect", flag: connect)?.value ?? "127.0.0.1:7070"

@@ -10,7 +10,9 @@ public struct Matrix: Sendable, Equatable {
         precondition(rows >= 0 && cols >= 0, "negative matrix shape \(rows)×\(cols)")
         self.rows = rows
         self.cols = cols
-        self.storage = [Float](repeating: 0, count: rows * cols)
+        self.storage = rows * cols * 4 >= ZeroedFloats.prefaultBytes
+            ? ZeroedFloats.prefaulted(count: rows * cols)
+            : [Float](repeating: 0, count: rows * cols)
     }
 
     public init(rows: Int, cols: Int, storage: [Float]) {
