@@ -43,7 +43,7 @@ public struct CoordinatorServer: Sendable {
             .bind(host: host, port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maxFrameLength: maxFrameLength)))
-                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder(maxFrameLength: maxFrameLength)))
+                    try channel.pipeline.syncOperations.addHandler(FrameWriter(maxFrameLength: maxFrameLength))
                     // Few frames buffered per connection (a shard is ~4 MB): a busy engine turns
                     // into TCP backpressure quickly instead of into coordinator memory.
                     return try NIOAsyncChannel<WireMessage, WireMessage>(

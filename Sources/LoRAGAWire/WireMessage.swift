@@ -6,17 +6,29 @@ public protocol WireMessageBody: Sendable, Equatable {
     static var messageType: WireMessageType { get }
 
     /// Checks the structural rules (string limits, enum ranges, byte counts
-    /// against shapes). Every decoded message passes; `FrameEncoder` refuses
+    /// against shapes). Every decoded message passes; `FrameWriter` refuses
     /// messages that do not.
     func validate() throws(WireError)
 
     /// Appends the payload (no length, no type byte). Requires a valid message.
     func encode(into buffer: inout ByteBuffer)
 
+    /// Bulk bytes that end the payload (a shard's rows, a power matrix): a writer sends them
+    /// as they are after the fields instead of copying them. Nil for the other messages.
+    var trailingBulk: ByteBuffer? { get }
+
+    /// Appends the payload up to `trailingBulk` (all of it when that is nil).
+    func encodeFields(into buffer: inout ByteBuffer)
+
     /// Parses a payload that fills `buffer`'s readable bytes exactly, and validates it.
     /// On success the readable bytes are consumed; payload fields of type
     /// `ByteBuffer` are slices of `buffer` (no copy).
     init(from buffer: inout ByteBuffer) throws(WireError)
+}
+
+extension WireMessageBody {
+    public var trailingBulk: ByteBuffer? { nil }
+    public func encodeFields(into buffer: inout ByteBuffer) { encode(into: &buffer) }
 }
 
 /// Any message of the protocol.
@@ -86,14 +98,27 @@ public enum WireMessage: Sendable, Equatable {
         body.encode(into: &buffer)
     }
 
-    /// Payload size known before encoding, for the messages that carry bulk data; 0 for the rest.
-    var bulkPayloadBytes: Int {
-        switch self {
-        case .shard(let m): Shard.headerBytes + m.payload.readableBytes
-        case .powerRequest(let m): PowerRequest.headerBytes + m.payload.readableBytes
-        case .powerReply(let m): PowerReply.headerBytes + m.payload.readableBytes
-        default: 0
+    /// Validates, then appends a frame's length, type byte and fields to `head`, and returns
+    /// the bulk bytes that complete the frame (nil when `head` holds all of it). A writer
+    /// sends the two back to back; the bulk bytes are never copied. Nothing is appended when
+    /// it throws (an invalid message, or a frame longer than `maxFrameLength`).
+    public func encodeFrameHead(
+        into head: inout ByteBuffer,
+        maxFrameLength: Int = WireProtocol.defaultMaxFrameLength
+    ) throws(WireError) -> ByteBuffer? {
+        try validate()
+        let bulk = body.trailingBulk
+        let start = head.writerIndex
+        head.writeInteger(UInt32(0), endianness: .little)  // patched below
+        head.writeInteger(type.rawValue)
+        body.encodeFields(into: &head)
+        let length = head.writerIndex - start - WireProtocol.lengthFieldBytes + (bulk?.readableBytes ?? 0)
+        guard length <= maxFrameLength, length <= Int(UInt32.max) else {
+            head.moveWriterIndex(to: start)
+            throw .frameTooLarge(length: length, max: maxFrameLength)
         }
+        head.setInteger(UInt32(length), at: start, endianness: .little)
+        return bulk
     }
 
     /// Validates, then appends a whole frame: length, type byte, payload.
@@ -102,23 +127,12 @@ public enum WireMessage: Sendable, Equatable {
         into buffer: inout ByteBuffer,
         maxFrameLength: Int = WireProtocol.defaultMaxFrameLength
     ) throws(WireError) {
-        try validate()
-        let bulk = bulkPayloadBytes
-        // Refuse an oversized shard before copying it.
-        if bulk + 1 > maxFrameLength {
-            throw .frameTooLarge(length: bulk + 1, max: maxFrameLength)
+        if let bulk = body.trailingBulk {
+            // One allocation for the whole frame (the fields before the bulk are a few dozen bytes).
+            buffer.reserveCapacity(minimumWritableBytes: WireProtocol.lengthFieldBytes + 1 + Shard.headerBytes + bulk.readableBytes)
         }
-        let start = buffer.writerIndex
-        // One allocation for a shard's whole frame.
-        buffer.reserveCapacity(minimumWritableBytes: WireProtocol.lengthFieldBytes + 1 + bulk)
-        buffer.writeInteger(UInt32(0), endianness: .little)  // patched below
-        buffer.writeInteger(type.rawValue)
-        encodePayload(into: &buffer)
-        let length = buffer.writerIndex - start - WireProtocol.lengthFieldBytes
-        guard length <= maxFrameLength, length <= Int(UInt32.max) else {
-            buffer.moveWriterIndex(to: start)
-            throw .frameTooLarge(length: length, max: maxFrameLength)
+        if var bulk = try encodeFrameHead(into: &buffer, maxFrameLength: maxFrameLength) {
+            buffer.writeBuffer(&bulk)
         }
-        buffer.setInteger(UInt32(length), at: start, endianness: .little)
     }
 }

@@ -114,7 +114,7 @@ public struct WorkerClient: Sendable {
             .connect(host: options.host, port: options.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maxFrameLength: maxFrameLength)))
-                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameEncoder(maxFrameLength: maxFrameLength)))
+                    try channel.pipeline.syncOperations.addHandler(FrameWriter(maxFrameLength: maxFrameLength))
                     return try NIOAsyncChannel<WireMessage, WireMessage>(
                         wrappingChannelSynchronously: channel,
                         configuration: .init(isOutboundHalfClosureEnabled: true))
@@ -315,7 +315,7 @@ final class GradientReader: @unchecked Sendable {
         var buffer = ByteBufferAllocator().buffer(capacity: count * 4)
         let aligned = buffer.withUnsafeMutableWritableBytes { Int(bitPattern: $0.baseAddress) % MemoryLayout<Float>.alignment == 0 }
         guard aligned else { return nil }
-        try lock.withLock {
+        _ = try lock.withLock {
             try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count * 4) { raw in
                 try UnsafeMutableRawBufferPointer(rebasing: raw[0..<(count * 4)]).withMemoryRebound(to: Float.self) { floats in
                     try files.readSummedRows(of: layer, rows: range, into: floats[...])

@@ -225,10 +225,10 @@ struct RejectionTests {
         ]
         for message in invalid {
             var out = ByteBuffer()
-            #expect(throws: WireError.self) { try FrameEncoder().encode(data: message, out: &out) }
+            #expect(throws: WireError.self) { try message.encodeFrame(into: &out) }
             #expect(out.readableBytes == 0)
         }
-        let channel = EmbeddedChannel(handler: MessageToByteHandler(FrameEncoder()))
+        let channel = EmbeddedChannel(handler: FrameWriter())
         #expect(throws: WireError.self) { try channel.writeOutbound(invalid[0]) }
         _ = try? channel.finish()
     }
@@ -239,14 +239,14 @@ struct RejectionTests {
                                             payload: ByteBuffer(float32LittleEndian: Samples.floats(256))))
         var out = ByteBuffer()
         #expect(throws: WireError.frameTooLarge(length: 1 + Shard.headerBytes + 1024, max: 1000)) {
-            try FrameEncoder(maxFrameLength: 1000).encode(data: shard, out: &out)
+            try shard.encodeFrame(into: &out, maxFrameLength: 1000)
         }
         let goodbye = WireMessage.goodbye(Goodbye(reason: String(repeating: "z", count: 100)))
         #expect(throws: WireError.frameTooLarge(length: 103, max: 50)) {
-            try FrameEncoder(maxFrameLength: 50).encode(data: goodbye, out: &out)
+            try goodbye.encodeFrame(into: &out, maxFrameLength: 50)
         }
         #expect(out.readableBytes == 0)
-        try FrameEncoder(maxFrameLength: 4 + 1 + Shard.headerBytes + 1024).encode(data: shard, out: &out)
+        try shard.encodeFrame(into: &out, maxFrameLength: 4 + 1 + Shard.headerBytes + 1024)
         #expect(out.readableBytes == 4 + 1 + Shard.headerBytes + 1024)
     }
 

@@ -41,17 +41,30 @@ struct RoundTripTests {
         try ByteToMessageDecoderVerifier.verifyDecoder(inputOutputPairs: pairs) { FrameDecoder() }
     }
 
-    @Test("EmbeddedChannel: encoder → bytes → decoder")
+    @Test("EmbeddedChannel: writer → bytes → decoder; bulk bytes leave uncopied")
     func embeddedChannel() throws {
         let channel = EmbeddedChannel()
         try channel.pipeline.syncOperations.addHandlers([
             ByteToMessageHandler(FrameDecoder()),
-            MessageToByteHandler(FrameEncoder()),
+            FrameWriter(),
         ])
         for message in Samples.messages {
             try channel.writeOutbound(message)
-            let bytes = try #require(try channel.readOutbound(as: ByteBuffer.self))
+            var bytes = try #require(try channel.readOutbound(as: ByteBuffer.self))
+            if var bulk = try channel.readOutbound(as: ByteBuffer.self) {
+                // The second write is the message's own buffer, not a copy of it.
+                let payload: ByteBuffer? = switch message {
+                case .shard(let m): m.payload
+                case .powerRequest(let m): m.payload
+                case .powerReply(let m): m.payload
+                default: nil
+                }
+                let sent = bulk.withUnsafeReadableBytes { $0.baseAddress }
+                #expect(sent != nil && sent == payload?.withUnsafeReadableBytes { $0.baseAddress })
+                bytes.writeBuffer(&bulk)
+            }
             #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+            #expect(bytes == (try Samples.frame(message)))
             try channel.writeInbound(bytes)
             let decoded = try #require(try channel.readInbound(as: WireMessage.self))
             #expect(decoded == message)
@@ -65,7 +78,7 @@ struct RoundTripTests {
         func peer() throws -> EmbeddedChannel {
             let channel = EmbeddedChannel()
             try channel.pipeline.syncOperations.addHandlers([
-                ByteToMessageHandler(FrameDecoder()), MessageToByteHandler(FrameEncoder()),
+                ByteToMessageHandler(FrameDecoder()), FrameWriter(),
             ])
             return channel
         }

@@ -91,7 +91,7 @@ enum Samples {
     /// The frame the encoder produces for `message`.
     static func frame(_ message: WireMessage) throws -> ByteBuffer {
         var buffer = ByteBuffer()
-        try FrameEncoder().encode(data: message, out: &buffer)
+        try message.encodeFrame(into: &buffer)
         return buffer
     }
 

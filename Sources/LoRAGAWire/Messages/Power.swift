@@ -50,7 +50,14 @@ extension PowerMatrixMessage {
 
     public func validate() throws(WireError) { try frame.validate(Self.messageType) }
 
-    public func encode(into buffer: inout ByteBuffer) { frame.encode(into: &buffer) }
+    public func encode(into buffer: inout ByteBuffer) {
+        frame.encodeFields(into: &buffer)
+        buffer.writeImmutableBuffer(payload)
+    }
+
+    public var trailingBulk: ByteBuffer? { payload }
+
+    public func encodeFields(into buffer: inout ByteBuffer) { frame.encodeFields(into: &buffer) }
 
     public init(from buffer: inout ByteBuffer) throws(WireError) {
         let f = try PowerMatrixFrame(from: &buffer, Self.messageType)
@@ -124,13 +131,12 @@ struct PowerMatrixFrame {
         }
     }
 
-    func encode(into buffer: inout ByteBuffer) {
+    func encodeFields(into buffer: inout ByteBuffer) {
         buffer.writeLittleEndian(layerIndex)
         buffer.writeLittleEndian(round)
         buffer.writeLittleEndian(side.rawValue)
         buffer.writeLittleEndian(matrixRows)
         buffer.writeLittleEndian(matrixCols)
-        buffer.writeImmutableBuffer(payload)
     }
 
     init(from buffer: inout ByteBuffer, _ type: WireMessageType) throws(WireError) {

@@ -82,6 +82,13 @@ public struct Shard: WireMessageBody {
     }
 
     public func encode(into buffer: inout ByteBuffer) {
+        encodeFields(into: &buffer)
+        buffer.writeImmutableBuffer(payload)
+    }
+
+    public var trailingBulk: ByteBuffer? { payload }
+
+    public func encodeFields(into buffer: inout ByteBuffer) {
         buffer.writeLittleEndian(layerIndex)
         buffer.writeLittleEndian(attempt)
         buffer.writeLittleEndian(rowStart)
@@ -90,7 +97,6 @@ public struct Shard: WireMessageBody {
         buffer.writeLittleEndian(dtype.rawValue)
         buffer.writeLittleEndian(compression.rawValue)
         buffer.writeLittleEndian(uncompressedBytes)
-        buffer.writeImmutableBuffer(payload)
     }
 
     public init(from buffer: inout ByteBuffer) throws(WireError) {
