@@ -38,6 +38,9 @@ public struct CoordinatorSummary: Sendable {
     public var layers: Int
     public var bytesReceived: Int
     public var seconds: Double
+    /// Dense and sketch: time during which some layer's shards were arriving (the union over
+    /// layers, from a layer's first shard to its last commit), the denominator of ingest.
+    public var receivingSeconds: Double?
     public var worstFidelityEstimate: Double?
     public var adapterDirectory: String
 }
@@ -79,8 +82,15 @@ public actor CoordinatorEngine {
     private var powerReplies: [Int: [String: Matrix]] = [:]
     private var layerStarted: [Int: ContinuousClock.Instant] = [:]
     private var layerBytes: [Int: Int] = [:]
+    private var firstShard: [Int: ContinuousClock.Instant] = [:]
+    /// Since when some layer has been receiving, and the receiving time before that.
+    private var receivingSince: ContinuousClock.Instant?
+    private var receivingSeconds = 0.0
 
+    /// Decoded floats of the shard slice being added.
     private var scratch: [Float] = []
+    /// Slice of a shard added to a dense sum at a time: fits in L2 with room for the sum's rows.
+    private static let denseSliceBytes = 256 << 10
     private let codec = ZstdCodec()
     private var totalBytes = 0
     private let started = ContinuousClock.now
@@ -186,6 +196,19 @@ public actor CoordinatorEngine {
         let index = Int(shard.layerIndex)
         guard let worker = accepted(machine.shardArrived(on: connection, layer: index, attempt: shard.attempt), on: connection) else { return }
         let layer = machine.layers![index]
+        if firstShard[index] == nil {
+            firstShard[index] = .now
+            if receivingSince == nil { receivingSince = .now }
+        }
+        if accumulators[index] == nil {
+            // Taken at the first shard, not when the layer opens: memory only once data comes,
+            // and the time to map a large sum counts as receiving time.
+            do {
+                accumulators[index] = try LayerAccumulator(name: layer.name, rows: layer.rows, cols: layer.cols, settings: options.settings)
+            } catch {
+                return perform(machine.fail("\(error)"))
+            }
+        }
         var state = progress[index]?[worker] ?? Progress()
         let dtype = TensorDType(wire: shard.dtype)
         guard shard.cols == UInt64(layer.cols) else {
@@ -198,33 +221,40 @@ public actor CoordinatorEngine {
             return refuse(connection, ErrorMessage(code: .badData, message: "shard dtype \(dtype), the job sends \(options.payloadDType)"))
         }
         let rows = Int(shard.rowCount)
-        let count = rows * layer.cols
-        if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
-        let finite: Int?
+        let cols = layer.cols
+        // A dense sum takes the shard in slices of ~256 KB: hashed, decoded, checked and added
+        // while the slice is in cache. A sketch multiplies whole shards (its GEMM wants them).
+        let sliceRows = accumulators[index]!.isDense ? Swift.max(1, Swift.min(rows, Self.denseSliceBytes / (4 * cols))) : rows
+        if scratch.count < sliceRows * cols { scratch = [Float](repeating: 0, count: sliceRows * cols) }
+        let bad: Int?
         do {
-            // Decode straight from the received frame (no copy) unless it must be decompressed first.
-            finite = try withUncompressedBytes(shard, expected: count * dtype.byteSize) { raw in
-                state.checksum.update(raw)
-                return scratch.withUnsafeMutableBufferPointer { floats in
-                    let block = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
-                    FloatCodec.decode(raw, as: dtype, into: block)
-                    return RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(block)).firstNonFiniteIndex()
+            // Decode straight from the received frame unless it must be decompressed first.
+            bad = try withUncompressedBytes(shard, expected: rows * cols * dtype.byteSize) { raw in
+                scratch.withUnsafeMutableBufferPointer { floats in
+                    for sliceStart in stride(from: 0, to: rows, by: sliceRows) {
+                        let sliceCount = Swift.min(sliceRows, rows - sliceStart)
+                        let bytes = UnsafeRawBufferPointer(rebasing: raw[(sliceStart * cols * dtype.byteSize)..<((sliceStart + sliceCount) * cols * dtype.byteSize)])
+                        state.checksum.update(bytes)
+                        let values = UnsafeMutableBufferPointer(rebasing: floats[0..<(sliceCount * cols)])
+                        FloatCodec.decode(bytes, as: dtype, into: values)
+                        let block = RowBlock(rowStart: Int(shard.rowStart) + sliceStart, rowCount: sliceCount, cols: cols, values: UnsafeBufferPointer(values))
+                        // A bad value fails the whole job, so the slices added before it do not matter.
+                        if let offset = block.firstNonFiniteIndex() { return sliceStart * cols + offset }
+                        accumulators[index]!.add(block)
+                    }
+                    return nil
                 }
             }
         } catch {
             return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': \(error)"))
         }
-        if let bad = finite {
-            let row = Int(shard.rowStart) + bad / layer.cols
+        if let bad {
+            let row = Int(shard.rowStart) + bad / cols
             return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' has a NaN or Inf value in row \(row)"))
         }
         state.nextRow += rows
         state.shards += 1
         progress[index, default: [:]][worker] = state
-        scratch.withUnsafeBufferPointer { floats in
-            let block = RowBlock(rowStart: Int(shard.rowStart), rowCount: rows, cols: layer.cols, values: UnsafeBufferPointer(rebasing: floats[0..<count]))
-            accumulators[index]!.add(block)
-        }
         layerBytes[index, default: 0] += shard.payload.readableBytes
         totalBytes += shard.payload.readableBytes
     }
@@ -309,6 +339,7 @@ public actor CoordinatorEngine {
                 logger.warning("layer \(index): a worker left mid-layer; its rows are already folded in, so every worker resends the layer (attempt \(attempt))")
                 progress[index] = [:]
                 layerBytes[index] = 0
+                accumulators[index] = nil
                 openLayer(index)
             case .finalizeLayer(let index):
                 finalizeInBackground(index)
@@ -374,7 +405,7 @@ public actor CoordinatorEngine {
         do {
             switch options.settings.mode {
             case .dense, .sketch:
-                accumulators[index] = try LayerAccumulator(name: layer.name, rows: layer.rows, cols: layer.cols, settings: options.settings)
+                break  // the sum or sketch is made when the first shard arrives
             case .power:
                 var finder = try RangeFinder(rows: layer.rows, cols: layer.cols, parameters: options.settings.randomizedSVD, layerName: layer.name)
                 let step = finder.start()
@@ -436,7 +467,12 @@ public actor CoordinatorEngine {
     /// the result is dropped if the job ended meanwhile.
     private func finalizeInBackground(_ index: Int) {
         guard let accumulator = accumulators.removeValue(forKey: index) else { return }
-        let transferred = layerStarted[index].map { seconds(since: $0) } ?? 0
+        let transferred = (firstShard[index] ?? layerStarted[index]).map { seconds(since: $0) } ?? 0
+        firstShard[index] = nil
+        if firstShard.isEmpty, let since = receivingSince {
+            receivingSeconds += seconds(since: since)
+            receivingSince = nil
+        }
         let settings = options.settings
         let queue = finalizeQueue
         Task {
@@ -499,6 +535,7 @@ public actor CoordinatorEngine {
         }
         let summary = CoordinatorSummary(
             layers: layers, bytesReceived: totalBytes, seconds: seconds(since: started),
+            receivingSeconds: options.settings.mode == .power ? nil : receivingSeconds,
             worstFidelityEstimate: store!.finishedReports.compactMap(\.fidelityEstimate).max(),
             adapterDirectory: options.outputDirectory)
         complete(.success(summary))

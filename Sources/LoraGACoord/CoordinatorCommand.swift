@@ -85,6 +85,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
             logger.info("""
                 done: \(summary.layers) layers in \(String(format: "%.2f", summary.seconds)) s, \
                 \(String(format: "%.1f", megabytes)) MB received (\(String(format: "%.0f", megabytes / max(summary.seconds, 1e-9))) MB/s), \
+                \(summary.receivingSeconds.map { String(format: "receiving %.2f s (ingest %.0f MB/s), ", $0, megabytes / max($0, 1e-9)) } ?? "")\
                 peak RSS \(ResourceUsage.peakResidentBytes / 1_000_000) MB, CPU \(String(format: "%.1f", ResourceUsage.cpuSeconds)) s\
                 \(summary.worstFidelityEstimate.map { String(format: ", worst ratio≈%.4f", $0) } ?? ""); adapter in \(summary.adapterDirectory)
                 """)
