@@ -24,6 +24,9 @@ public struct LayerAccumulator: Sendable {
         }
     }
 
+    /// Holds the summed gradient itself (any row slices add), not a sketch of it.
+    public var isDense: Bool { dense != nil }
+
     /// Bytes of state held (what this layer costs in memory).
     public var byteCount: Int {
         4 * ((dense?.storage.count ?? 0) + (sketch?.floatCount ?? 0))
@@ -46,8 +49,12 @@ public struct LayerAccumulator: Sendable {
             if let index = bad {
                 throw GradientError.nonFinite(layer: name, source: "summed gradient (Float32 overflow)", row: index / cols)
             }
-            var source = InMemoryRowBlocks(g)
-            let svd = try randomizedSVD(of: &source, parameters: settings.randomizedSVD, layerName: name)
+            // Blocks as in power mode: each is used by both products of a pass pair while it is in
+            // cache, where the whole matrix at once is read from memory twice.
+            let parameters = settings.randomizedSVD
+            let width = parameters.sketchWidth(rows: rows, cols: cols)
+            var source = InMemoryRowBlocks(g, blockRows: RowBlock.rowsPerProductBlock(cols: cols, productWidth: width))
+            let svd = try randomizedSVD(of: &source, parameters: parameters, layerName: name)
             let factors = LoRAFactors(svd: svd, configuration: settings.lora)
             // The residual pass works per block: blocks of ~8 MB keep its scratch small.
             var blocked = InMemoryRowBlocks(g, blockRows: Swift.max(1, (8 << 20) / Swift.max(1, 4 * cols)))

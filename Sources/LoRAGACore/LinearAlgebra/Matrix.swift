@@ -150,3 +150,29 @@ public struct RowBlock {
         return values.firstIndex { !$0.isFinite }
     }
 }
+
+extension RowBlock {
+    /// Rows per block for the products G_b·P and Gᵀ_b·Y_b with k = `productWidth` columns.
+    /// Every block call re-reads the cols × k operands (BLAS packs P; Z = Σ Gᵀ_b Y_b is read
+    /// and written), so their traffic per block row is k/rows of the block's own. While they
+    /// stay in the last-level cache (cols·k floats ≤ 8 MiB of its 32) that traffic is cheap
+    /// and small blocks cost nothing; beyond it they stream from memory and bigger blocks pay.
+    /// Measured with `lora-ga init` (2-core EPYC, 1 OpenBLAS thread, power mode):
+    ///
+    /// | layer, r (k)            | 64 rows        | 128 rows        | 256 rows        |
+    /// |-------------------------|----------------|-----------------|-----------------|
+    /// | 4096×11008, r=32 (112)  | 0.82 s, 55 MB  | 0.83 s, 61 MB   | 0.80 s, 72 MB   |
+    /// | 8192×28672, r=8 (32)    | 1.33 s, 56 MB  | 1.42 s, 70 MB   | 1.37 s, 101 MB  |
+    /// | 8192×28672, r=32 (112)  | 3.95 s, 97 MB  | 3.70 s, 111 MB  | 3.48 s, 140 MB  |
+    ///
+    /// (two workers on 8192×28672 r=32: 5.73 s at 128 rows, 5.16 s at 256). Where blocks are
+    /// read from files, two are live at once (one in use, one being read): 2·4·cols bytes a row.
+    /// Sketch mode asks for `minimumRows` 128: its co-range product Ψ_b G_b has the block's
+    /// rows as inner dimension (4096×11008 r=8: 1.07 s at 64 rows, 0.99 s at 128).
+    public static func rowsPerProductBlock(cols: Int, productWidth k: Int, minimumRows: Int = 64) -> Int {
+        let operandBytes = 4 * cols * Swift.max(1, k)
+        let rows = operandBytes <= 8 << 20 ? minimumRows : Swift.max(minimumRows, 256)
+        // Never more than 32 MB a block, however wide the layer.
+        return Swift.max(1, Swift.min(rows, (32 << 20) / Swift.max(1, 4 * cols)))
+    }
+}
