@@ -4,6 +4,10 @@ import LoRAGACore
 import LoRAGAFormats
 import LoRAGAWire
 import NIOCore
+import NIOPosix
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// How a coordinator runs a job.
 public struct CoordinatorOptions: Sendable {
@@ -75,8 +79,12 @@ public actor CoordinatorEngine {
 
     // Per open layer.
     private var accumulators: [Int: LayerAccumulator] = [:]
-    /// Dense and sketch SVDs run here (a dedicated thread: BLAS never on the cooperative pool).
-    private let finalizeQueue = DispatchQueue(label: "lora-ga.finalize")
+    /// Dense sums of finished layers, kept for the next layers of the same size (at most the
+    /// window's worth; emptied before a sum of another size is made, so never extra memory).
+    private var spareSums: [[Float]] = []
+    /// Dense and sketch SVDs run on this one thread (BLAS never on the cooperative pool), at a
+    /// lower priority than receiving (see `FinalizeJob.run`).
+    private let finalizeThread = NIOThreadPool(numberOfThreads: 1)
     private var progress: [Int: [String: Progress]] = [:]
     private var finders: [Int: RangeFinder] = [:]
     private var powerReplies: [Int: [String: Matrix]] = [:]
@@ -106,6 +114,7 @@ public actor CoordinatorEngine {
         self.options = options
         self.computeLoop = computeLoop
         self.logger = logger
+        finalizeThread.start()
         let configuration = JobStateMachine.Configuration(expectedWorkers: options.expectedWorkers, mode: options.settings.mode, window: options.window)
         // A job already in the output directory is resumed: its manifest fixes the layers.
         if !options.restart, let manifest = CheckpointStore.existingManifest(in: options.outputDirectory) {
@@ -118,6 +127,10 @@ public actor CoordinatorEngine {
         } else {
             self.machine = JobStateMachine(configuration: configuration)
         }
+    }
+
+    deinit {
+        finalizeThread.shutdownGracefully { _ in }
     }
 
     /// Workers that have announced and are counted in the job (for progress and tests).
@@ -204,7 +217,11 @@ public actor CoordinatorEngine {
             // Taken at the first shard, not when the layer opens: memory only once data comes,
             // and the time to map a large sum counts as receiving time.
             do {
-                accumulators[index] = try LayerAccumulator(name: layer.name, rows: layer.rows, cols: layer.cols, settings: options.settings)
+                let size = layer.rows * layer.cols
+                let reusable = spareSums.firstIndex { $0.count == size }
+                if reusable == nil { spareSums.removeAll() }
+                accumulators[index] = try LayerAccumulator(name: layer.name, rows: layer.rows, cols: layer.cols, settings: options.settings,
+                                                           reusing: reusable.map { spareSums.remove(at: $0) })
             } catch {
                 return perform(machine.fail("\(error)"))
             }
@@ -466,7 +483,9 @@ public actor CoordinatorEngine {
     /// ingest does not stop for factorization. A committed layer is never restarted, and
     /// the result is dropped if the job ended meanwhile.
     private func finalizeInBackground(_ index: Int) {
-        guard let accumulator = accumulators.removeValue(forKey: index) else { return }
+        guard accumulators[index] != nil else { return }
+        // Moved, not copied, into the job: the sum's memory must have one owner to be reused.
+        let job = FinalizeJob(accumulators.removeValue(forKey: index)!)
         let transferred = (firstShard[index] ?? layerStarted[index]).map { seconds(since: $0) } ?? 0
         firstShard[index] = nil
         if firstShard.isEmpty, let since = receivingSince {
@@ -474,18 +493,24 @@ public actor CoordinatorEngine {
             receivingSince = nil
         }
         let settings = options.settings
-        let queue = finalizeQueue
+        let thread = finalizeThread
         Task {
             let started = ContinuousClock.now
-            let result = await withCheckedContinuation { continuation in
-                queue.async { continuation.resume(returning: Result { try accumulator.finish(settings: settings) }) }
+            let result: Result<(factors: LoRAFactors, svd: TruncatedSVD, fidelityEstimate: Double?), Error>
+            do {
+                result = try await thread.runIfActive { job.run(settings: settings) }
+            } catch {
+                result = .failure(error)  // the thread was stopped: the engine is going away
+            }
+            if let spare = job.takeSpare(), self.spareSums.count < self.options.window {
+                self.spareSums.append(spare)
             }
             guard self.outcome == nil else { return }
             switch result {
             case .success(let (factors, svd, fidelity)):
                 self.record(index, factors: factors, svd: svd, fidelity: fidelity, transferred: transferred, computed: self.seconds(since: started))
             case .failure(let error):
-                self.perform(self.machine.fail("layer '\(accumulator.name)': \(error)"))
+                self.perform(self.machine.fail("layer '\(job.name)': \(error)"))
             }
         }
     }
@@ -582,4 +607,36 @@ extension WireDType {
 
 extension WireJobMode {
     init(_ mode: SVDMode) { self = WireJobMode.allCases.first { $0.description == mode.rawValue }! }
+}
+
+/// One layer's accumulator on its way through the finalize thread, and its sum's memory on
+/// the way back. A class so the accumulator has exactly one owner at each step (a copy
+/// captured by a closure would make the memory's next user copy 940 MB first).
+private final class FinalizeJob: @unchecked Sendable {
+    // The engine hands the job over before `run` and reads `spare` after it completes.
+    private var accumulator: LayerAccumulator?
+    private var spare: [Float]?
+    let name: String
+
+    init(_ accumulator: consuming LayerAccumulator) {
+        self.name = accumulator.name
+        self.accumulator = accumulator
+    }
+
+    /// Runs on the finalize thread at nice 10. Receiving a layer keeps training nodes waiting,
+    /// factoring one does not, so when they compete for cores receiving wins: measured from 2
+    /// workers on one 2-core machine, 16×4096² ingest 1.24-1.38 → 1.55-1.59 GB/s (nice 5:
+    /// 1.43-1.48), 64×2048² 1.5 → 1.9 GB/s, the whole job as long as before (3.0-3.4 s: the
+    /// window of open layers stops the workers until factoring catches up). Linux keeps nice
+    /// per thread; the thread is this job's alone.
+    func run(settings: JobSettings) -> Result<(factors: LoRAFactors, svd: TruncatedSVD, fidelityEstimate: Double?), Error> {
+        #if os(Linux)
+        _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+        #endif
+        var taken = accumulator.take()!
+        defer { spare = taken.takeStorage() }
+        return Result { try taken.finish(settings: settings) }
+    }
+
+    func takeSpare() -> [Float]? { spare.take() }
 }
