@@ -41,7 +41,8 @@ public enum StreamingMemory {
     /// 8192×28672 dense from 2 workers, 1.2 → 1.38 GB/s ingest, worker CPU −15 %. Blocks up to
     /// 32 MB (glibc's ceiling for this setting) come from the heap and up to 256 MB of free
     /// heap stays mapped. A layer's sum (one block larger than that) still gets its own mmap
-    /// and is returned when freed.
+    /// and is returned when freed. The coordinator sets it for dense jobs only: in sketch mode
+    /// frames queue behind the GEMMs and the kept ones only cost memory (171 → 201 MB).
     public static func keepFrameBuffersMapped() {
         #if os(Linux)
         _ = glibcMallopt(-3 /* M_MMAP_THRESHOLD */, 32 << 20)
