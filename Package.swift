@@ -29,7 +29,8 @@ let package = Package(
             pkgConfig: "libzstd",
             providers: [.apt(["libzstd-dev"])]
         ),
-        .target(name: "LoRAGACore", dependencies: ["COpenBLAS"]),
+        .systemLibrary(name: "CMalloc"),
+        .target(name: "LoRAGACore", dependencies: ["COpenBLAS", "CMalloc"]),
         .target(name: "LoRAGAFormats", dependencies: ["LoRAGACore", "CZstd"]),
         .target(
             name: "LoRAGAWire",
