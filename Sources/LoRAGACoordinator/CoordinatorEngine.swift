@@ -209,6 +209,17 @@ public actor CoordinatorEngine {
         let index = Int(shard.layerIndex)
         guard let worker = accepted(machine.shardArrived(on: connection, layer: index, attempt: shard.attempt), on: connection) else { return }
         let layer = machine.layers![index]
+        var state = progress[index]?[worker] ?? Progress()
+        let dtype = TensorDType(wire: shard.dtype)
+        guard shard.cols == UInt64(layer.cols) else {
+            return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)' has \(layer.cols) columns, shard has \(shard.cols)"))
+        }
+        guard shard.rowStart == UInt64(state.nextRow), shard.rowEnd <= UInt64(layer.rows) else {
+            return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': shard rows \(shard.rowStart)..<\(shard.rowEnd), expected rows from \(state.nextRow) within \(layer.rows)"))
+        }
+        guard dtype == options.payloadDType else {
+            return refuse(connection, ErrorMessage(code: .badData, message: "shard dtype \(dtype), the job sends \(options.payloadDType)"))
+        }
         if firstShard[index] == nil {
             firstShard[index] = .now
             if receivingSince == nil { receivingSince = .now }
@@ -225,17 +236,6 @@ public actor CoordinatorEngine {
             } catch {
                 return perform(machine.fail("\(error)"))
             }
-        }
-        var state = progress[index]?[worker] ?? Progress()
-        let dtype = TensorDType(wire: shard.dtype)
-        guard shard.cols == UInt64(layer.cols) else {
-            return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)' has \(layer.cols) columns, shard has \(shard.cols)"))
-        }
-        guard shard.rowStart == UInt64(state.nextRow), shard.rowEnd <= UInt64(layer.rows) else {
-            return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': shard rows \(shard.rowStart)..<\(shard.rowEnd), expected rows from \(state.nextRow) within \(layer.rows)"))
-        }
-        guard dtype == options.payloadDType else {
-            return refuse(connection, ErrorMessage(code: .badData, message: "shard dtype \(dtype), the job sends \(options.payloadDType)"))
         }
         let rows = Int(shard.rowCount)
         let cols = layer.cols
@@ -496,7 +496,7 @@ public actor CoordinatorEngine {
         let thread = finalizeThread
         Task {
             let started = ContinuousClock.now
-            let result: Result<(factors: LoRAFactors, svd: TruncatedSVD, fidelityEstimate: Double?), Error>
+            let result: FinalizeJob.Outcome
             do {
                 result = try await thread.runIfActive { job.run(settings: settings) }
             } catch {
@@ -617,6 +617,7 @@ private final class FinalizeJob: @unchecked Sendable {
     private var accumulator: LayerAccumulator?
     private var spare: [Float]?
     let name: String
+    typealias Outcome = Result<(factors: LoRAFactors, svd: TruncatedSVD, fidelityEstimate: Double?), Error>
 
     init(_ accumulator: consuming LayerAccumulator) {
         self.name = accumulator.name
@@ -629,7 +630,7 @@ private final class FinalizeJob: @unchecked Sendable {
     /// 1.43-1.48), 64×2048² 1.5 → 1.9 GB/s, the whole job as long as before (3.0-3.4 s: the
     /// window of open layers stops the workers until factoring catches up). Linux keeps nice
     /// per thread; the thread is this job's alone.
-    func run(settings: JobSettings) -> Result<(factors: LoRAFactors, svd: TruncatedSVD, fidelityEstimate: Double?), Error> {
+    func run(settings: JobSettings) -> Outcome {
         #if os(Linux)
         _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
         #endif
