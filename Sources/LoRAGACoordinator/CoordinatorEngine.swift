@@ -77,6 +77,28 @@ public actor CoordinatorEngine {
         var checksum = ShardChecksum()
     }
 
+    /// A shard whose rows are arriving on a connection, piece by piece.
+    private struct IncomingShard {
+        let layer: Int
+        let worker: String
+        let rowStart: Int
+        let rows: Int
+        let cols: Int
+        let dtype: TensorDType
+        /// Rows added at a time: ~256 KB for a dense sum, the whole shard for a sketch.
+        let sliceRows: Int
+        /// The worker's progress on the layer, stored back when the last piece is in.
+        var progress: Progress
+        /// Rows of the shard already added, and bytes of the next slice staged so far.
+        var rowsDone = 0
+        var staged = 0
+        var sliceBytes: Int { Swift.min(sliceRows, rows - rowsDone) * cols * dtype.byteSize }
+    }
+    /// Per connection: the shard being received; `.some(nil)` drops the rest of a refused one.
+    private var incoming: [JobStateMachine.ConnectionID: IncomingShard?] = [:]
+    /// Per connection: bytes of a slice that straddles two pieces.
+    private var staging: [JobStateMachine.ConnectionID: [UInt8]] = [:]
+
     // Per open layer.
     private var accumulators: [Int: LayerAccumulator] = [:]
     /// Dense sums of finished layers, kept for the next layers of the same size (at most the
@@ -154,6 +176,8 @@ public actor CoordinatorEngine {
     public func closed(_ connection: JobStateMachine.ConnectionID) {
         outbound.removeValue(forKey: connection)?.finish()
         challenges[connection] = nil
+        incoming[connection] = nil
+        staging[connection] = nil
         if let worker = machine.worker(on: connection), outcome == nil {
             logger.info("worker '\(worker)' disconnected")
         }
@@ -164,6 +188,12 @@ public actor CoordinatorEngine {
     public func protocolError(_ error: Error, on connection: JobStateMachine.ConnectionID) {
         logger.warning("connection \(connection)\(machine.worker(on: connection).map { " (worker '\($0)')" } ?? ""): \(error); dropping it")
         refuse(connection, ErrorMessage(code: .badData, message: "protocol error: \(error)"))
+    }
+
+    /// Rows of an uncompressed shard, as `StreamingFrameDecoder` passes them on.
+    public func received(_ piece: ShardPiece, from connection: JobStateMachine.ConnectionID) {
+        guard outcome == nil else { return }
+        receivePiece(piece, from: connection)
     }
 
     public func received(_ message: WireMessage, from connection: JobStateMachine.ConnectionID) {
@@ -205,20 +235,106 @@ public actor CoordinatorEngine {
 
     // MARK: - Data
 
+    /// A shard that came whole (compressed, or from a decoder that assembles frames): its
+    /// uncompressed rows as one piece.
     private func receiveShard(_ shard: Shard, from connection: JobStateMachine.ConnectionID) {
+        var fields = shard
+        fields.payload = ByteBuffer()
+        let bytes: ByteBuffer
+        switch shard.compression {
+        case .uncompressed:
+            bytes = shard.payload
+        case .zstdShuffled:
+            // Shape and dtype are checked against the job before this allocation.
+            let index = Int(shard.layerIndex)
+            guard let layers = machine.layers, index < layers.count, shard.cols == UInt64(layers[index].cols),
+                  shard.rowEnd <= UInt64(layers[index].rows), TensorDType(wire: shard.dtype) == options.payloadDType else {
+                // The first piece's checks refuse it with the reason.
+                return receivePiece(ShardPiece(shard: fields, offset: 0, bytes: ByteBuffer()), from: connection)
+            }
+            do {
+                let dtypeBytes = TensorDType(wire: shard.dtype).byteSize
+                let shuffled = try shard.payload.withUnsafeReadableBytes { try codec.decompress($0, expectedSize: Int(shard.uncompressedBytes)) }
+                bytes = ByteBuffer(bytes: shuffled.withUnsafeBytes { ByteShuffle.unshuffle($0, elementSize: dtypeBytes) })
+            } catch {
+                return refuse(connection, ErrorMessage(code: .badData, message: "layer \(shard.layerIndex): \(error)"))
+            }
+        }
+        receivePiece(ShardPiece(shard: fields, offset: 0, bytes: bytes), from: connection, wireBytes: shard.payload.readableBytes)
+    }
+
+    /// Rows of a shard as they arrive. The first piece is checked against the job (layer,
+    /// attempt, shape, row order, dtype); each slice of rows is hashed, decoded, checked for
+    /// NaN/Inf and added once all of its bytes are in; the last piece records the worker's
+    /// progress, which its commit must match.
+    private func receivePiece(_ piece: ShardPiece, from connection: JobStateMachine.ConnectionID, wireBytes: Int? = nil) {
+        if piece.isFirst {
+            incoming[connection] = .some(startShard(piece.shard, from: connection))
+        }
+        guard var shard = incoming[connection] ?? nil else { return }   // refused, or never begun
+        var bytes = piece.bytes
+        while bytes.readableBytes > 0 {
+            let need = shard.sliceBytes - shard.staged
+            if shard.staged == 0 && bytes.readableBytes >= need {
+                // The whole slice is in this piece: add it from the received bytes.
+                let slice = bytes.readSlice(length: need)!
+                guard slice.withUnsafeReadableBytes({ addSlice($0, of: &shard) }) else { return }
+                continue
+            }
+            // Taken out of the dictionary while written, so it is not copied on write.
+            var buffer = staging.removeValue(forKey: connection) ?? []
+            if buffer.count < shard.sliceRows * shard.cols * shard.dtype.byteSize {
+                buffer = [UInt8](repeating: 0, count: shard.sliceRows * shard.cols * shard.dtype.byteSize)
+            }
+            let count = Swift.min(need, bytes.readableBytes)
+            buffer.withUnsafeMutableBytes { target in
+                _ = bytes.readWithUnsafeReadableBytes { source in
+                    target.baseAddress!.advanced(by: shard.staged).copyMemory(from: source.baseAddress!, byteCount: count)
+                    return count
+                }
+            }
+            shard.staged += count
+            if count == need {
+                let sliceBytes = shard.staged
+                let added = buffer.withUnsafeBytes { addSlice(UnsafeRawBufferPointer(rebasing: $0[0..<sliceBytes]), of: &shard) }
+                shard.staged = 0
+                staging[connection] = buffer
+                guard added else { return }
+            } else {
+                staging[connection] = buffer
+            }
+        }
+        if piece.isLast {
+            assert(shard.rowsDone == shard.rows, "a shard's pieces add up to its rows (the decoder checks the frame length)")
+            shard.progress.nextRow += shard.rows
+            shard.progress.shards += 1
+            progress[shard.layer, default: [:]][shard.worker] = shard.progress
+            incoming[connection] = nil
+        } else {
+            incoming[connection] = .some(shard)
+        }
+        layerBytes[shard.layer, default: 0] += wireBytes ?? piece.bytes.readableBytes
+        totalBytes += wireBytes ?? piece.bytes.readableBytes
+    }
+
+    /// Checks a shard's fields against the job and readies its layer's sum; nil when refused.
+    private func startShard(_ shard: Shard, from connection: JobStateMachine.ConnectionID) -> IncomingShard? {
         let index = Int(shard.layerIndex)
-        guard let worker = accepted(machine.shardArrived(on: connection, layer: index, attempt: shard.attempt), on: connection) else { return }
+        guard let worker = accepted(machine.shardArrived(on: connection, layer: index, attempt: shard.attempt), on: connection) else { return nil }
         let layer = machine.layers![index]
-        var state = progress[index]?[worker] ?? Progress()
+        let state = progress[index]?[worker] ?? Progress()
         let dtype = TensorDType(wire: shard.dtype)
         guard shard.cols == UInt64(layer.cols) else {
-            return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)' has \(layer.cols) columns, shard has \(shard.cols)"))
+            refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)' has \(layer.cols) columns, shard has \(shard.cols)"))
+            return nil
         }
         guard shard.rowStart == UInt64(state.nextRow), shard.rowEnd <= UInt64(layer.rows) else {
-            return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': shard rows \(shard.rowStart)..<\(shard.rowEnd), expected rows from \(state.nextRow) within \(layer.rows)"))
+            refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': shard rows \(shard.rowStart)..<\(shard.rowEnd), expected rows from \(state.nextRow) within \(layer.rows)"))
+            return nil
         }
         guard dtype == options.payloadDType else {
-            return refuse(connection, ErrorMessage(code: .badData, message: "shard dtype \(dtype), the job sends \(options.payloadDType)"))
+            refuse(connection, ErrorMessage(code: .badData, message: "shard dtype \(dtype), the job sends \(options.payloadDType)"))
+            return nil
         }
         if firstShard[index] == nil {
             firstShard[index] = .now
@@ -234,58 +350,41 @@ public actor CoordinatorEngine {
                 accumulators[index] = try LayerAccumulator(name: layer.name, rows: layer.rows, cols: layer.cols, settings: options.settings,
                                                            reusing: reusable.map { spareSums.remove(at: $0) })
             } catch {
-                return perform(machine.fail("\(error)"))
+                perform(machine.fail("\(error)"))
+                return nil
             }
         }
         let rows = Int(shard.rowCount)
-        let cols = layer.cols
-        // A dense sum takes the shard in slices of ~256 KB: hashed, decoded, checked and added
+        // A dense sum takes a shard in slices of ~256 KB: hashed, decoded, checked and added
         // while the slice is in cache. A sketch multiplies whole shards (its GEMM wants them).
-        let sliceRows = accumulators[index]!.isDense ? Swift.max(1, Swift.min(rows, Self.denseSliceBytes / (4 * cols))) : rows
-        if scratch.count < sliceRows * cols { scratch = [Float](repeating: 0, count: sliceRows * cols) }
-        let bad: Int?
-        do {
-            // Decode straight from the received frame unless it must be decompressed first.
-            bad = try withUncompressedBytes(shard, expected: rows * cols * dtype.byteSize) { raw in
-                scratch.withUnsafeMutableBufferPointer { floats in
-                    for sliceStart in stride(from: 0, to: rows, by: sliceRows) {
-                        let sliceCount = Swift.min(sliceRows, rows - sliceStart)
-                        let bytes = UnsafeRawBufferPointer(rebasing: raw[(sliceStart * cols * dtype.byteSize)..<((sliceStart + sliceCount) * cols * dtype.byteSize)])
-                        state.checksum.update(bytes)
-                        let values = UnsafeMutableBufferPointer(rebasing: floats[0..<(sliceCount * cols)])
-                        FloatCodec.decode(bytes, as: dtype, into: values)
-                        let block = RowBlock(rowStart: Int(shard.rowStart) + sliceStart, rowCount: sliceCount, cols: cols, values: UnsafeBufferPointer(values))
-                        // A bad value fails the whole job, so the slices added before it do not matter.
-                        if let offset = block.firstNonFiniteIndex() { return sliceStart * cols + offset }
-                        accumulators[index]!.add(block)
-                    }
-                    return nil
-                }
-            }
-        } catch {
-            return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': \(error)"))
-        }
-        if let bad {
-            let row = Int(shard.rowStart) + bad / cols
-            return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' has a NaN or Inf value in row \(row)"))
-        }
-        state.nextRow += rows
-        state.shards += 1
-        progress[index, default: [:]][worker] = state
-        layerBytes[index, default: 0] += shard.payload.readableBytes
-        totalBytes += shard.payload.readableBytes
+        let sliceRows = accumulators[index]!.isDense ? Swift.max(1, Swift.min(rows, Self.denseSliceBytes / (4 * layer.cols))) : rows
+        return IncomingShard(layer: index, worker: worker, rowStart: Int(shard.rowStart), rows: rows, cols: layer.cols,
+                             dtype: dtype, sliceRows: sliceRows, progress: state)
     }
 
-    private func withUncompressedBytes<T>(_ shard: Shard, expected: Int, _ body: (UnsafeRawBufferPointer) throws -> T) throws -> T {
-        switch shard.compression {
-        case .uncompressed:
-            return try shard.payload.withUnsafeReadableBytes(body)
-        case .zstdShuffled:
-            // Shape and dtype were checked against the job before this allocation.
-            let shuffled = try shard.payload.withUnsafeReadableBytes { try codec.decompress($0, expectedSize: expected) }
-            let bytes = shuffled.withUnsafeBytes { ByteShuffle.unshuffle($0, elementSize: TensorDType(wire: shard.dtype).byteSize) }
-            return try bytes.withUnsafeBytes(body)
+    /// Hashes, decodes, checks and adds the next slice of rows; false when it held a NaN or
+    /// Inf, which fails the job (so slices added before it do not matter).
+    private func addSlice(_ raw: UnsafeRawBufferPointer, of shard: inout IncomingShard) -> Bool {
+        let rows = raw.count / (shard.cols * shard.dtype.byteSize)
+        let count = rows * shard.cols
+        shard.progress.checksum.update(raw)
+        if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
+        let firstRow = shard.rowStart + shard.rowsDone
+        let bad: Int? = scratch.withUnsafeMutableBufferPointer { floats in
+            let values = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
+            FloatCodec.decode(raw, as: shard.dtype, into: values)
+            let block = RowBlock(rowStart: firstRow, rowCount: rows, cols: shard.cols, values: UnsafeBufferPointer(values))
+            if let offset = block.firstNonFiniteIndex() { return offset }
+            accumulators[shard.layer]!.add(block)
+            return nil
         }
+        if let bad {
+            let layer = machine.layers![shard.layer]
+            perform(machine.fail("worker '\(shard.worker)': layer '\(layer.name)' has a NaN or Inf value in row \(firstRow + bad / shard.cols)"))
+            return false
+        }
+        shard.rowsDone += rows
+        return true
     }
 
     private func receiveCommit(_ commit: LayerCommit, from connection: JobStateMachine.ConnectionID) {

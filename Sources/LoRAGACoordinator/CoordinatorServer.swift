@@ -40,15 +40,17 @@ public struct CoordinatorServer: Sendable {
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20))
             .bind(host: host, port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maxFrameLength: maxFrameLength)))
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(StreamingFrameDecoder(maxFrameLength: maxFrameLength)))
                     try channel.pipeline.syncOperations.addHandler(FrameWriter(maxFrameLength: maxFrameLength))
-                    // Few frames buffered per connection (a shard is ~4 MB): a busy engine turns
-                    // into TCP backpressure quickly instead of into coordinator memory.
-                    return try NIOAsyncChannel<WireMessage, WireMessage>(
+                    // Little buffered per connection (shard pieces are reads of ≤ 64 KB; a whole
+                    // compressed shard is ≤ 4 MB): a busy engine turns into TCP backpressure
+                    // quickly instead of into coordinator memory.
+                    return try NIOAsyncChannel<InboundFrame, WireMessage>(
                         wrappingChannelSynchronously: channel,
-                        configuration: .init(backPressureStrategy: .init(lowWatermark: 1, highWatermark: 2), isOutboundHalfClosureEnabled: true))
+                        configuration: .init(backPressureStrategy: .init(lowWatermark: 4, highWatermark: 16), isOutboundHalfClosureEnabled: true))
                 }
             }
         let boundPort = server.channel.localAddress?.port ?? port
@@ -111,7 +113,7 @@ public struct CoordinatorServer: Sendable {
     }
 
 /// One connection: a reader feeding the engine and a writer draining its outbox.
-    static func serve(_ connection: NIOAsyncChannel<WireMessage, WireMessage>, engine: CoordinatorEngine) async {
+    static func serve(_ connection: NIOAsyncChannel<InboundFrame, WireMessage>, engine: CoordinatorEngine) async {
         let (outbox, continuation) = AsyncStream<Outgoing>.makeStream()
         let id = await engine.connected(continuation)
         do {
@@ -133,8 +135,11 @@ public struct CoordinatorServer: Sendable {
                     }
                     group.addTask {
                         do {
-                            for try await message in inbound {
-                                await engine.received(message, from: id)
+                            for try await frame in inbound {
+                                switch frame {
+                                case .message(let message): await engine.received(message, from: id)
+                                case .shardPiece(let piece): await engine.received(piece, from: id)
+                                }
                             }
                         } catch let error as WireError {
                             // Garbage or an oversized frame: answer with the reason; the writer then closes.

@@ -19,6 +19,18 @@ public struct FrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable {
     }
 
     public mutating func decode(buffer: inout ByteBuffer) throws(WireError) -> WireMessage? {
+        guard let (length, type) = try peekFrame(buffer),
+              buffer.readableBytes >= WireProtocol.lengthFieldBytes + length else {
+            return nil
+        }
+        buffer.moveReaderIndex(forwardBy: WireProtocol.lengthFieldBytes + 1)
+        var payload = buffer.readSlice(length: length - 1)!
+        return try WireMessage(type: type, payload: &payload)
+    }
+
+    /// The length and type of the frame at the reader index, checked as soon as their bytes
+    /// are readable (nil until they are); nothing is consumed.
+    func peekFrame(_ buffer: ByteBuffer) throws(WireError) -> (length: Int, type: WireMessageType)? {
         let start = buffer.readerIndex
         guard let rawLength = buffer.getInteger(at: start, endianness: .little, as: UInt32.self) else {
             return nil
@@ -28,19 +40,13 @@ public struct FrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable {
         guard length <= maxFrameLength else {
             throw .frameTooLarge(length: length, max: maxFrameLength)
         }
-        let typeIndex = start + WireProtocol.lengthFieldBytes
-        guard let typeByte = buffer.getInteger(at: typeIndex, as: UInt8.self) else {
+        guard let typeByte = buffer.getInteger(at: start + WireProtocol.lengthFieldBytes, as: UInt8.self) else {
             return nil
         }
         guard let type = WireMessageType(rawValue: typeByte) else {
             throw .unknownMessageType(typeByte)
         }
-        guard buffer.readableBytes >= WireProtocol.lengthFieldBytes + length else {
-            return nil
-        }
-        buffer.moveReaderIndex(forwardBy: WireProtocol.lengthFieldBytes + 1)
-        var payload = buffer.readSlice(length: length - 1)!
-        return try WireMessage(type: type, payload: &payload)
+        return (length, type)
     }
 
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws(WireError) -> WireMessage? {

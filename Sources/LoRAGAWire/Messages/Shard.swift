@@ -59,6 +59,19 @@ public struct Shard: WireMessageBody {
     public var rowEnd: UInt64 { rowStart + UInt64(rowCount) }
 
     public func validate() throws(WireError) {
+        try validateFields()
+        switch compression {
+        case .uncompressed:
+            guard payload.readableBytes == Int(uncompressedBytes) else {
+                throw .malformed(Self.messageType, "payload is \(payload.readableBytes) bytes, expected \(uncompressedBytes) for \(rowCount)×\(cols) \(dtype)")
+            }
+        case .zstdShuffled:
+            guard payload.readableBytes > 0 else { throw .malformed(Self.messageType, "empty compressed payload") }
+        }
+    }
+
+    /// The checks that need no payload (a streamed shard's fields arrive before its rows).
+    public func validateFields() throws(WireError) {
         func fail(_ reason: String) -> WireError { .malformed(Self.messageType, reason) }
         guard dtype.isPayloadType else { throw fail("dtype \(dtype) cannot carry gradients") }
         guard rowCount > 0, cols > 0 else { throw fail("empty shard \(rowCount)×\(cols)") }
@@ -70,14 +83,6 @@ public struct Shard: WireMessageBody {
         }
         guard uncompressedBytes == UInt64(expected) else {
             throw fail("uncompressedBytes \(uncompressedBytes), expected \(expected) for \(rowCount)×\(cols) \(dtype)")
-        }
-        switch compression {
-        case .uncompressed:
-            guard payload.readableBytes == expected else {
-                throw fail("payload is \(payload.readableBytes) bytes, expected \(expected) for \(rowCount)×\(cols) \(dtype)")
-            }
-        case .zstdShuffled:
-            guard payload.readableBytes > 0 else { throw fail("empty compressed payload") }
         }
     }
 
@@ -100,6 +105,14 @@ public struct Shard: WireMessageBody {
     }
 
     public init(from buffer: inout ByteBuffer) throws(WireError) {
+        try self.init(fieldsFrom: &buffer)
+        payload = buffer.readSlice(length: buffer.readableBytes)!
+        try validate()
+    }
+
+    /// The fields only (`headerBytes` of them), consumed from `buffer`; `payload` is left
+    /// empty and nothing is validated.
+    public init(fieldsFrom buffer: inout ByteBuffer) throws(WireError) {
         var reader = PayloadReader(Self.messageType, buffer)
         let layerIndex = try reader.integer("layerIndex", as: UInt32.self)
         let attempt = try reader.integer("attempt", as: UInt32.self)
@@ -109,12 +122,10 @@ public struct Shard: WireMessageBody {
         let dtype = try reader.enumeration("dtype", as: WireDType.self)
         let compression = try reader.enumeration("compression", as: WireCompression.self)
         let uncompressedBytes = try reader.integer("uncompressedBytes", as: UInt64.self)
-        let payload = reader.rest()
         buffer = reader.buffer
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype,
-            compression: compression, uncompressedBytes: uncompressedBytes, payload: payload, attempt: attempt
+            compression: compression, uncompressedBytes: uncompressedBytes, payload: ByteBuffer(), attempt: attempt
         )
-        try validate()
     }
 }

@@ -1,0 +1,81 @@
+import NIOCore
+
+/// What the coordinator's decoder hands on: whole messages, and uncompressed shards piece
+/// by piece as their rows arrive.
+public enum InboundFrame: Sendable, Equatable {
+    case message(WireMessage)
+    case shardPiece(ShardPiece)
+}
+
+/// Consecutive bytes of an uncompressed shard's payload, in arrival order.
+public struct ShardPiece: Sendable, Equatable {
+    /// The shard's fields (validated; its `payload` is empty).
+    public var shard: Shard
+    /// Payload bytes before `bytes`.
+    public var offset: Int
+    /// A slice of the received data.
+    public var bytes: ByteBuffer
+
+    public init(shard: Shard, offset: Int, bytes: ByteBuffer) {
+        self.shard = shard
+        self.offset = offset
+        self.bytes = bytes
+    }
+
+    public var payloadBytes: Int { Int(shard.uncompressedBytes) }
+    public var isFirst: Bool { offset == 0 }
+    public var isLast: Bool { offset + bytes.readableBytes == payloadBytes }
+}
+
+/// ``FrameDecoder`` for the coordinator: an uncompressed shard is passed on in pieces, each
+/// a slice of the bytes as received, instead of being assembled into one 4 MB frame first.
+/// `ByteToMessageHandler` assembles a frame by copying every received chunk into it: with
+/// perf, 35 % of the coordinator's network threads and 0.22 s per GB ingested. Every other
+/// frame (compressed shards too) is decoded whole, with the same checks and bounds.
+public struct StreamingFrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable {
+    public typealias InboundOut = InboundFrame
+
+    private var frames: FrameDecoder
+    /// The shard whose rows are arriving, and how many of its payload bytes have.
+    private var open: (shard: Shard, received: Int)?
+
+    public init(maxFrameLength: Int = WireProtocol.defaultMaxFrameLength) {
+        frames = FrameDecoder(maxFrameLength: maxFrameLength)
+    }
+
+    public mutating func decode(buffer: inout ByteBuffer) throws(WireError) -> InboundFrame? {
+        if let (shard, received) = open {
+            let count = Swift.min(buffer.readableBytes, Int(shard.uncompressedBytes) - received)
+            guard count > 0 else { return nil }
+            let piece = ShardPiece(shard: shard, offset: received, bytes: buffer.readSlice(length: count)!)
+            open = received + count < Int(shard.uncompressedBytes) ? (shard, received + count) : nil
+            return .shardPiece(piece)
+        }
+        guard let (length, type) = try frames.peekFrame(buffer) else { return nil }
+        let head = WireProtocol.lengthFieldBytes + 1
+        if type == .shard, var fields = buffer.getSlice(at: buffer.readerIndex + head, length: Swift.min(Shard.headerBytes, length - 1)),
+           fields.readableBytes == Shard.headerBytes {
+            let shard = try Shard(fieldsFrom: &fields)
+            if shard.compression == .uncompressed {
+                try shard.validateFields()
+                guard length == 1 + Shard.headerBytes + Int(shard.uncompressedBytes) else {
+                    throw .malformed(.shard, "frame of \(length) bytes, a \(shard.rowCount)×\(shard.cols) \(shard.dtype) shard needs \(1 + Shard.headerBytes + Int(shard.uncompressedBytes))")
+                }
+                buffer.moveReaderIndex(forwardBy: head + Shard.headerBytes)
+                open = (shard, 0)
+                return try decode(buffer: &buffer) ?? nil
+            }
+        }
+        return try frames.decode(buffer: &buffer).map(InboundFrame.message)
+    }
+
+    public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws(WireError) -> InboundFrame? {
+        if let frame = try decode(buffer: &buffer) {
+            return frame
+        }
+        if seenEOF && (open != nil || buffer.readableBytes > 0) {
+            throw .truncatedFrame(bufferedBytes: buffer.readableBytes)
+        }
+        return nil
+    }
+}
