@@ -456,6 +456,11 @@ public actor CoordinatorEngine {
                 progress[index] = [:]
                 layerBytes[index] = 0
                 accumulators[index] = nil
+                // A shard of the old attempt still arriving on another connection is dropped, or
+                // its remaining rows would land in the new attempt's sum.
+                for connection in incoming.keys where incoming[connection]??.layer == index {
+                    incoming[connection] = .some(nil)
+                }
                 openLayer(index)
             case .finalizeLayer(let index):
                 finalizeInBackground(index)
