@@ -240,39 +240,39 @@ public actor CoordinatorEngine {
     private func receiveShard(_ shard: Shard, from connection: JobStateMachine.ConnectionID) {
         var fields = shard
         fields.payload = ByteBuffer()
-        let bytes: ByteBuffer
-        switch shard.compression {
-        case .uncompressed:
-            bytes = shard.payload
-        case .zstdShuffled:
-            // Shape and dtype are checked against the job before this allocation.
-            let index = Int(shard.layerIndex)
-            guard let layers = machine.layers, index < layers.count, shard.cols == UInt64(layers[index].cols),
-                  shard.rowEnd <= UInt64(layers[index].rows), TensorDType(wire: shard.dtype) == options.payloadDType else {
-                // The first piece's checks refuse it with the reason.
-                return receivePiece(ShardPiece(shard: fields, offset: 0, bytes: ByteBuffer()), from: connection)
-            }
-            do {
-                let dtypeBytes = TensorDType(wire: shard.dtype).byteSize
-                let shuffled = try shard.payload.withUnsafeReadableBytes { try codec.decompress($0, expectedSize: Int(shard.uncompressedBytes)) }
-                bytes = ByteBuffer(bytes: shuffled.withUnsafeBytes { ByteShuffle.unshuffle($0, elementSize: dtypeBytes) })
-            } catch {
-                return refuse(connection, ErrorMessage(code: .badData, message: "layer \(shard.layerIndex): \(error)"))
-            }
+        guard shard.compression == .zstdShuffled else {
+            return receivePiece(ShardPiece(shard: fields, offset: 0, bytes: shard.payload), from: connection)
         }
-        receivePiece(ShardPiece(shard: fields, offset: 0, bytes: bytes), from: connection, wireBytes: shard.payload.readableBytes)
+        // Shape and dtype are checked against the job before decompression allocates.
+        guard let started = startShard(fields, from: connection) else { return }
+        incoming[connection] = .some(started)
+        let bytes: ByteBuffer
+        do {
+            let dtypeBytes = TensorDType(wire: shard.dtype).byteSize
+            let shuffled = try shard.payload.withUnsafeReadableBytes { try codec.decompress($0, expectedSize: Int(shard.uncompressedBytes)) }
+            bytes = ByteBuffer(bytes: shuffled.withUnsafeBytes { ByteShuffle.unshuffle($0, elementSize: dtypeBytes) })
+        } catch {
+            return refuse(connection, ErrorMessage(code: .badData, message: "layer \(shard.layerIndex): \(error)"))
+        }
+        addRows(bytes, isLast: true, from: connection, wireBytes: shard.payload.readableBytes)
     }
 
     /// Rows of a shard as they arrive. The first piece is checked against the job (layer,
     /// attempt, shape, row order, dtype); each slice of rows is hashed, decoded, checked for
     /// NaN/Inf and added once all of its bytes are in; the last piece records the worker's
     /// progress, which its commit must match.
-    private func receivePiece(_ piece: ShardPiece, from connection: JobStateMachine.ConnectionID, wireBytes: Int? = nil) {
+    private func receivePiece(_ piece: ShardPiece, from connection: JobStateMachine.ConnectionID) {
         if piece.isFirst {
             incoming[connection] = .some(startShard(piece.shard, from: connection))
         }
+        addRows(piece.bytes, isLast: piece.isLast, from: connection, wireBytes: piece.bytes.readableBytes)
+    }
+
+    /// The next bytes of the shard being received on `connection` (`wireBytes` of them counted
+    /// as received: compressed shards arrived smaller than their rows).
+    private func addRows(_ received: ByteBuffer, isLast: Bool, from connection: JobStateMachine.ConnectionID, wireBytes: Int) {
         guard var shard = incoming[connection] ?? nil else { return }   // refused, or never begun
-        var bytes = piece.bytes
+        var bytes = received
         while bytes.readableBytes > 0 {
             let need = shard.sliceBytes - shard.staged
             if shard.staged == 0 && bytes.readableBytes >= need {
@@ -304,7 +304,7 @@ public actor CoordinatorEngine {
                 staging[connection] = buffer
             }
         }
-        if piece.isLast {
+        if isLast {
             assert(shard.rowsDone == shard.rows, "a shard's pieces add up to its rows (the decoder checks the frame length)")
             shard.progress.nextRow += shard.rows
             shard.progress.shards += 1
@@ -313,8 +313,8 @@ public actor CoordinatorEngine {
         } else {
             incoming[connection] = .some(shard)
         }
-        layerBytes[shard.layer, default: 0] += wireBytes ?? piece.bytes.readableBytes
-        totalBytes += wireBytes ?? piece.bytes.readableBytes
+        layerBytes[shard.layer, default: 0] += wireBytes
+        totalBytes += wireBytes
     }
 
     /// Checks a shard's fields against the job and readies its layer's sum; nil when refused.
