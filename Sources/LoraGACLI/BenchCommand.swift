@@ -68,8 +68,11 @@ struct BenchCommand: ParsableCommand {
             var report = MachineReport(
                 openblasThreads: Int(openblas_get_num_threads()),
                 openblasCore: String(cString: openblas_get_corename()),
+                openblasCoreChosenByOpenBLAS: BLASKernels.selection.flatMap { $0.switched ? $0.chosenByOpenBLAS : nil },
                 openblasConfig: String(cString: openblas_get_config()),
                 environment: ["OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"].reduce(into: [:]) { values, name in
+                    // A switched kernel set put OPENBLAS_CORETYPE there itself: the user did not.
+                    if name == "OPENBLAS_CORETYPE", BLASKernels.selection?.switched == true { return }
                     values[name] = ProcessInfo.processInfo.environment[name]
                 })
             for (rows, cols) in try parsedShapes() {
@@ -204,6 +207,8 @@ struct MachineReport: Encodable {
     }
     var openblasThreads: Int
     var openblasCore: String
+    /// The kernels OpenBLAS picked itself, when lora-ga replaced a generic fallback.
+    var openblasCoreChosenByOpenBLAS: String?
     var openblasConfig: String
     var environment: [String: String]
     var sgemm: [GEMM] = []
@@ -211,7 +216,7 @@ struct MachineReport: Encodable {
     var loopback: Loopback?
 
     enum CodingKeys: String, CodingKey {
-        case openblasThreads = "openblas_threads", openblasCore = "openblas_core", openblasConfig = "openblas_config"
+        case openblasThreads = "openblas_threads", openblasCore = "openblas_core", openblasCoreChosenByOpenBLAS = "openblas_core_chosen_by_openblas", openblasConfig = "openblas_config"
         case environment, sgemm, summation, loopback
     }
 }

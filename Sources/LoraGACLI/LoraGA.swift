@@ -17,6 +17,12 @@ struct LoraGA: ParsableCommand {
               lora-ga verify --adapter adapter/ grads/worker0 grads/worker1
             """,
         subcommands: [InitCommand.self, LocalCommand.self, VerifyCommand.self, InspectCommand.self, ExportCommand.self, SynthCommand.self, BenchCommand.self])
+
+    static func main() {
+        // Before any BLAS call and any other thread: it swaps OpenBLAS's kernel table.
+        if let note = BLASKernels.selectForThisCPU().note { log("lora-ga: \(note)") }
+        main(nil)
+    }
 }
 
 /// Progress and diagnostics go to stderr so stdout stays parseable.

@@ -1,0 +1,45 @@
+import Foundation
+import Testing
+@testable import LoRAGACore
+
+/// The executables run vector kernels wherever the CPU has them, even when OpenBLAS
+/// falls back to generic ones (OpenBLAS 0.3.21 on Sapphire/Emerald Rapids: 4–5× slower GEMMs).
+@Suite struct BLASKernelSelectionTests {
+    func machineReport(environment: [String: String]) throws -> [String: Any] {
+        let binary = FaultDrillTests.binaries.appendingPathComponent("lora-ga").path
+        try #require(FileManager.default.isExecutableFile(atPath: binary), "build the executables first (swift build): \(binary) is missing")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["bench", "machine", "--shapes", "64x64", "--k", "8", "--seconds", "0.01", "--loopback-mib", "0"]
+        process.environment = ProcessInfo.processInfo.environment.filter { $0.key != "OPENBLAS_CORETYPE" }.merging(environment) { $1 }
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        try #require(process.terminationStatus == 0)
+        return try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+    }
+
+    @Test("lora-ga runs AVX2-or-better kernels on a CPU with AVX2")
+    func vectorKernels() throws {
+        let flags = BLASKernels.cpuFlags()
+        let report = try machineReport(environment: [:])
+        let core = try #require(report["openblas_core"] as? String)
+        if flags.contains("avx2") && flags.contains("fma") {
+            #expect(BLASKernels.vectorCores.contains(core.lowercased()), "OpenBLAS core \(core) on a CPU with AVX2")
+        }
+        if let chosen = report["openblas_core_chosen_by_openblas"] as? String {
+            #expect(!BLASKernels.vectorCores.contains(chosen.lowercased()), "switched away from \(chosen), a vector core")
+        }
+    }
+
+    @Test("OPENBLAS_CORETYPE set by the user is obeyed")
+    func userChoice() throws {
+        let report = try machineReport(environment: ["OPENBLAS_CORETYPE": "Prescott"])
+        #expect(report["openblas_core"] as? String == "Prescott")
+        #expect(report["openblas_core_chosen_by_openblas"] == nil)
+        #expect((report["environment"] as? [String: String])?["OPENBLAS_CORETYPE"] == "Prescott")
+    }
+}
