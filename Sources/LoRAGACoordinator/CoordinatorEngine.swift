@@ -366,17 +366,19 @@ public actor CoordinatorEngine {
     /// Inf, which fails the job (so slices added before it do not matter).
     private func addSlice(_ raw: UnsafeRawBufferPointer, of shard: inout IncomingShard) -> Bool {
         let rows = raw.count / (shard.cols * shard.dtype.byteSize)
-        let count = rows * shard.cols
         shard.progress.checksum.update(raw)
-        if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
         let firstRow = shard.rowStart + shard.rowsDone
-        let bad: Int? = scratch.withUnsafeMutableBufferPointer { floats in
-            let values = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
-            FloatCodec.decode(raw, as: shard.dtype, into: values)
-            let block = RowBlock(rowStart: firstRow, rowCount: rows, cols: shard.cols, values: UnsafeBufferPointer(values))
-            if let offset = block.firstNonFiniteIndex() { return offset }
-            accumulators[shard.layer]!.add(block)
-            return nil
+        #if _endian(little)
+        let direct = shard.dtype == .f32 && accumulators[shard.layer]!.isDense
+        #else
+        let direct = false   // wire floats are little-endian
+        #endif
+        let bad: Int?
+        if direct {
+            // Checked and summed straight from the frame, in one pass.
+            bad = accumulators[shard.layer]!.addDenseFloat32(rowStart: firstRow, bytes: raw)
+        } else {
+            bad = decodeAndAdd(raw, rows: rows, of: shard)
         }
         if let bad {
             let layer = machine.layers![shard.layer]
@@ -385,6 +387,21 @@ public actor CoordinatorEngine {
         }
         shard.rowsDone += rows
         return true
+    }
+
+    /// A slice in another dtype, or for a sketch: decoded into floats, checked, then added.
+    private func decodeAndAdd(_ raw: UnsafeRawBufferPointer, rows: Int, of shard: IncomingShard) -> Int? {
+        let count = rows * shard.cols
+        if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
+        let firstRow = shard.rowStart + shard.rowsDone
+        return scratch.withUnsafeMutableBufferPointer { floats in
+            let values = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
+            FloatCodec.decode(raw, as: shard.dtype, into: values)
+            let block = RowBlock(rowStart: firstRow, rowCount: rows, cols: shard.cols, values: UnsafeBufferPointer(values))
+            if let offset = block.firstNonFiniteIndex() { return offset }
+            accumulators[shard.layer]!.add(block)
+            return nil
+        }
     }
 
     private func receiveCommit(_ commit: LayerCommit, from connection: JobStateMachine.ConnectionID) {

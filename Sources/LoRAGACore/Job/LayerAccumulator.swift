@@ -7,12 +7,16 @@ public struct LayerAccumulator: Sendable {
     /// Exactly one of these is set: the summed gradient (dense) or its sketch.
     private var dense: Matrix?
     private var sketch: SingleViewSketch?
+    /// Dense: rows below this hold the sum so far; rows from it on hold whatever the memory
+    /// held before and count as zero. A block reaching past it stores its rows there instead
+    /// of adding them, so a layer whose sources send rows in order (each worker does) is
+    /// never zeroed and its first arrival of each row is a copy, not a read-add-write.
+    private var writtenRows = 0
 
     /// `reusing`: a finished layer's sum (``takeStorage()``) of exactly rows × cols floats,
-    /// zeroed and used in place of fresh memory. A fresh sum of a large layer costs its page
-    /// faults and the kernel's zeroing (~0.5 s per GB on this project's VMs); a reused one
-    /// costs a memset (~0.04 s per GB). Pass it consumed (the only reference), or the
-    /// first add copies it.
+    /// used in place of fresh memory without being cleared (see `writtenRows`). A fresh sum
+    /// of a large layer costs its page faults and the kernel's zeroing (~0.5 s per GB on this
+    /// project's VMs). Pass it consumed (the only reference), or the first add copies it.
     public init(name: String, rows: Int, cols: Int, settings: JobSettings, reusing spare: consuming [Float]? = nil) throws {
         self.name = name
         self.rows = rows
@@ -23,11 +27,10 @@ public struct LayerAccumulator: Sendable {
         }
         switch settings.mode {
         case .dense, .power:
-            if var storage = spare.take(), storage.count == rows * cols {
-                storage.withUnsafeMutableBufferPointer { $0.update(repeating: 0) }
+            if let storage = spare.take(), storage.count == rows * cols {
                 dense = Matrix(rows: rows, cols: cols, storage: storage)
             } else {
-                dense = Matrix(rows: rows, cols: cols)
+                dense = Matrix.unspecified(rows: rows, cols: cols)   // see `writtenRows`
             }
         case .sketch:
             sketch = try SingleViewSketch(rows: rows, cols: cols, targetRank: target, width: settings.sketchWidth, seed: settings.seed, layerName: name)
@@ -57,14 +60,50 @@ public struct LayerAccumulator: Sendable {
     public mutating func add(_ block: RowBlock) {
         precondition(block.cols == cols && block.rowStart + block.rowCount <= rows, "row block \(block.rowRange)×\(block.cols) outside layer '\(name)' \(rows)×\(cols)")
         if dense != nil {
-            dense!.addRows(block)
+            guard let base = block.values.baseAddress else { return }
+            _ = addDense(rowStart: block.rowStart, rowCount: block.rowCount, from: UnsafeRawPointer(base))
         } else {
             sketch!.fold(block)
         }
     }
 
+    /// Adds rows of a dense sum straight from native-endian Float32 bytes at any alignment
+    /// (a wire payload), checking them for NaN/Inf in the same pass. Returns the index (into
+    /// `bytes`, in floats) of the first non-finite value, after which the sum is unusable.
+    public mutating func addDenseFloat32(rowStart: Int, bytes: UnsafeRawBufferPointer) -> Int? {
+        let rowCount = bytes.count / (4 * cols)
+        precondition(dense != nil && bytes.count == 4 * rowCount * cols && rowStart + rowCount <= rows,
+                     "\(bytes.count) bytes at row \(rowStart) are not whole rows of dense layer '\(name)' \(rows)×\(cols)")
+        guard let base = bytes.baseAddress, addDense(rowStart: rowStart, rowCount: rowCount, from: base) else { return nil }
+        return (0..<(rowCount * cols)).first { !base.loadUnaligned(fromByteOffset: 4 * $0, as: Float.self).isFinite }
+    }
+
+    /// Rows below `writtenRows` are added, rows from it on stored; a gap before the block is
+    /// zeroed first. True when a value was NaN or ±Inf.
+    private mutating func addDense(rowStart: Int, rowCount: Int, from source: UnsafeRawPointer) -> Bool {
+        let end = rowStart + rowCount
+        let (cols, written) = (cols, writtenRows)
+        writtenRows = Swift.max(written, end)
+        return dense!.storage.withUnsafeMutableBufferPointer { sum in
+            let target = sum.baseAddress!
+            if rowStart > written {
+                (target + written * cols).update(repeating: 0, count: (rowStart - written) * cols)
+            }
+            let split = Swift.min(Swift.max(rowStart, written), end)
+            let addCount = (split - rowStart) * cols
+            let added = FloatKernels.accumulate(source, count: addCount, into: target + rowStart * cols, store: false)
+            let stored = FloatKernels.accumulate(source + 4 * addCount, count: (end - split) * cols, into: target + split * cols, store: true)
+            return added || stored
+        }
+    }
+
     /// The layer's LoRA-GA factors and report fields.
-    public func finish(settings: JobSettings) throws -> (factors: LoRAFactors, svd: TruncatedSVD, fidelityEstimate: Double?) {
+    public mutating func finish(settings: JobSettings) throws -> (factors: LoRAFactors, svd: TruncatedSVD, fidelityEstimate: Double?) {
+        if dense != nil && writtenRows < rows {   // rows no source sent sum to zero
+            let start = writtenRows * cols
+            dense!.storage.withUnsafeMutableBufferPointer { $0[start...].update(repeating: 0) }
+            writtenRows = rows
+        }
         if let g = dense {
             // Inputs were checked block by block; only an overflowing sum can get here.
             let bad = g.storage.withUnsafeBufferPointer { RowBlock(rowStart: 0, rowCount: rows, cols: cols, values: $0).firstNonFiniteIndex() }

@@ -15,6 +15,14 @@ public struct Matrix: Sendable, Equatable {
             : [Float](repeating: 0, count: rows * cols)
     }
 
+    /// A matrix whose elements hold whatever its memory held: for a caller that writes every
+    /// element before reading it (a dense layer's sum), which then skips zeroing it.
+    public static func unspecified(rows: Int, cols: Int) -> Matrix {
+        precondition(rows >= 0 && cols >= 0, "negative matrix shape \(rows)×\(cols)")
+        guard rows * cols * 4 >= ZeroedFloats.prefaultBytes else { return Matrix(rows: rows, cols: cols) }
+        return Matrix(rows: rows, cols: cols, storage: ZeroedFloats.prefaulted(count: rows * cols, zeroed: false))
+    }
+
     public init(rows: Int, cols: Int, storage: [Float]) {
         precondition(storage.count == rows * cols, "storage holds \(storage.count) values, shape \(rows)×\(cols) needs \(rows * cols)")
         self.rows = rows
@@ -137,16 +145,7 @@ public struct RowBlock {
 
     /// The index of the first value that is NaN or infinite, if any.
     public func firstNonFiniteIndex() -> Int? {
-        // NaN and ±Inf are the floats whose exponent bits are all ones: the largest masked
-        // exponent says whether there is one. An integer max vectorizes; a float sum would not.
-        guard let base = values.baseAddress else { return nil }
-        let exponent: UInt32 = 0x7F80_0000
-        let largest = UnsafeRawPointer(base).withMemoryRebound(to: UInt32.self, capacity: values.count) { bits in
-            var largest: UInt32 = 0
-            for index in 0..<values.count { largest = max(largest, bits[index] & exponent) }
-            return largest
-        }
-        guard largest == exponent else { return nil }
+        guard let base = values.baseAddress, FloatKernels.containsNonFinite(base, count: values.count) else { return nil }
         return values.firstIndex { !$0.isFinite }
     }
 }

@@ -11,15 +11,17 @@ enum ZeroedFloats {
     /// Below this, ordinary zero-filling is as fast (and the memory is often reused heap).
     static let prefaultBytes = 4 << 20
 
-    static func prefaulted(count: Int) -> [Float] {
+    /// `zeroed: false` leaves whatever the memory held (zeros from a fresh mapping, old
+    /// values from reused heap) for a caller that writes every element before reading it.
+    static func prefaulted(count: Int, zeroed: Bool = true) -> [Float] {
         [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
             if let base = buffer.baseAddress {
                 populate(UnsafeMutableRawPointer(base), byteCount: count * MemoryLayout<Float>.stride)
                 // Populated pages of a fresh mapping are already zero, but malloc may hand back
                 // reused memory: zero it anyway, now without faults (~25 GB/s).
-                base.initialize(repeating: 0, count: count)
+                if zeroed { base.initialize(repeating: 0, count: count) }
             }
-            initialized = count
+            initialized = count   // Float is trivial: any bit pattern is a valid value
         }
     }
 
