@@ -62,8 +62,8 @@ public struct LocalJob {
         case .power:
             svd = try randomizedSVD(of: &blocks, parameters: settings.randomizedSVD, layerName: layer.name)
             factors = LoRAFactors(svd: svd, configuration: settings.lora)
-            // One more read, not two: the expanded residual is accurate at real gradients' tails.
-            fidelity = estimatesFidelity ? try estimatedFidelity(of: &blocks, svd: svd, factors: factors, exactResidual: false) : nil
+            // One more read (two where the expanded residual would cancel).
+            fidelity = estimatesFidelity ? try estimatedFidelity(of: &blocks, svd: svd, factors: factors) : nil
         }
         let elapsed = ContinuousClock.now - clock
         let report = LayerReport(

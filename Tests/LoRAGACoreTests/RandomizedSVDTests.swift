@@ -135,6 +135,28 @@ import Testing
         try InMemoryRowBlocks(g, blockRows: 33).forEachRowBlock { onePass.add($0); twoPass.add($0) }
         try InMemoryRowBlocks(g, blockRows: 33).forEachRowBlock { twoPass.addResidual($0) }
         #expect(abs(onePass.residualNorm - twoPass.residualNorm) <= 1e-3 * twoPass.residualNorm)
+        #expect(!onePass.expansionIsInaccurate, "a heavy tail needs no direct pass")
+    }
+
+    @Test("a residual below 1 % of ‖G‖² is summed directly, in a second pass")
+    func tinyResidualTakesTheDirectPass() throws {
+        // Rank 8 plus noise of ~1e-4 of its energy: LoRA-GA's rank-2r residual is nearly all noise.
+        let low = try PlantedGradient(rows: 120, cols: 80, plantedRank: 8, decay: 0.3, seed: 7).rows(0..<120)
+        let noise = try PlantedGradient(rows: 120, cols: 80, plantedRank: 80, decay: 0, seed: 8).rows(0..<120)
+        let g = Matrix(rows: 120, cols: 80, storage: zip(low.storage, noise.storage).map { $0 + 0.01 * $1 })
+        var source = InMemoryRowBlocks(g)
+        let svd = try randomizedSVD(of: &source, parameters: .init(targetRank: 8, oversampling: 4, passes: 3, seed: 1), layerName: "l")
+        let factors = LoRAFactors(svd: svd, configuration: .init(rank: 4, alpha: 8))
+        var onePass = try FidelityAccumulator(factors: factors)
+        try InMemoryRowBlocks(g).forEachRowBlock { onePass.add($0) }
+        #expect(onePass.expansionIsInaccurate)
+        var twoPass = onePass
+        try InMemoryRowBlocks(g).forEachRowBlock { twoPass.addResidual($0) }
+        #expect(!twoPass.expansionIsInaccurate)
+        let tail = Fidelity.tailNorm(gradientNormSquared: twoPass.gradientNormSquared, topSingularValues: svd.s.map(Double.init))
+        let direct = Fidelity.ratio(residualNorm: twoPass.residualNorm, tailNorm: tail, gradientNorm: twoPass.gradientNormSquared.squareRoot())
+        var blocks = InMemoryRowBlocks(g)
+        #expect(try estimatedFidelity(of: &blocks, svd: svd, factors: factors) == direct)
     }
 }
 

@@ -126,13 +126,15 @@ public struct LayerAccumulator: Sendable {
     }
 }
 
-/// The residual against ‖G‖² − Σ ŝ², the tail implied by the singular values found. With
-/// `exactResidual` the residual is summed directly in a second pass (exact even when it is
-/// tiny next to ‖G‖); without, one pass and the expanded form (DESIGN.md §1).
-public func estimatedFidelity<Source: RowBlockSource>(of source: inout Source, svd: TruncatedSVD, factors: LoRAFactors, exactResidual: Bool = true) throws -> Double {
+/// The residual against ‖G‖² − Σ ŝ², the tail implied by the singular values found.
+/// One pass gives the residual in expanded form (DESIGN.md §1); a second pass sums it
+/// directly only where the expansion cancels (`FidelityAccumulator.expansionIsInaccurate`),
+/// which real gradients' heavy tails never need: for a dense layer the direct pass cost as
+/// much again as the first (a copy and two rank-r updates of every block).
+public func estimatedFidelity<Source: RowBlockSource>(of source: inout Source, svd: TruncatedSVD, factors: LoRAFactors) throws -> Double {
     var accumulator = try FidelityAccumulator(factors: factors)
     try source.forEachRowBlock { accumulator.add($0) }
-    if exactResidual { try source.forEachRowBlock { accumulator.addResidual($0) } }
+    if accumulator.expansionIsInaccurate { try source.forEachRowBlock { accumulator.addResidual($0) } }
     let tail = Fidelity.tailNorm(gradientNormSquared: accumulator.gradientNormSquared, topSingularValues: svd.s.map(Double.init))
     return Fidelity.ratio(residualNorm: accumulator.residualNorm, tailNorm: tail, gradientNorm: accumulator.gradientNormSquared.squareRoot())
 }
