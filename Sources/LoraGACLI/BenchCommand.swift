@@ -71,8 +71,9 @@ struct BenchCommand: ParsableCommand {
                 openblasCoreChosenByOpenBLAS: BLASKernels.selection.flatMap { $0.switched ? $0.chosenByOpenBLAS : nil },
                 openblasConfig: String(cString: openblas_get_config()),
                 environment: ["OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"].reduce(into: [:]) { values, name in
-                    // A switched kernel set put OPENBLAS_CORETYPE there itself: the user did not.
+                    // lora-ga put these there itself (for its child processes): the user did not.
                     if name == "OPENBLAS_CORETYPE", BLASKernels.selection?.switched == true { return }
+                    if name == "OPENBLAS_NUM_THREADS", BLAS.setThreadsEnvironment { return }
                     values[name] = ProcessInfo.processInfo.environment[name]
                 })
             for (rows, cols) in try parsedShapes() {

@@ -21,6 +21,7 @@ struct LoraGA: ParsableCommand {
     static func main() {
         // Before any BLAS call and any other thread: it swaps OpenBLAS's kernel table.
         if let note = BLASKernels.selectForThisCPU().note { log("lora-ga: \(note)") }
+        BLAS.stopHelperThreads()
         main(nil)
     }
 }

@@ -56,6 +56,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
         logger.logLevel = .info
         // Before any BLAS call: it swaps OpenBLAS's kernel table.
         if let note = BLASKernels.selectForThisCPU().note { logger.info("\(note)") }
+        BLAS.stopHelperThreads()
         var flags: [String: String] = [:]
         func put(_ key: String, _ value: (any CustomStringConvertible)?) { if let value { flags[key] = value.description } }
         put("listen", listen); put("workers", workers); put("out", out); put("rank", rank); put("alpha", alpha)

@@ -38,6 +38,7 @@ struct WorkerCommand: AsyncParsableCommand {
         logger.logLevel = .info
         // Before any BLAS call: it swaps OpenBLAS's kernel table.
         if let note = BLASKernels.selectForThisCPU().note { logger.info("\(note)") }
+        BLAS.stopHelperThreads()
         let started = ContinuousClock.now
         StreamingMemory.keepFrameBuffersMapped()
         do {

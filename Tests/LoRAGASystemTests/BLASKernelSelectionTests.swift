@@ -42,4 +42,37 @@ import Testing
         #expect(report["openblas_core_chosen_by_openblas"] == nil)
         #expect((report["environment"] as? [String: String])?["OPENBLAS_CORETYPE"] == "Prescott")
     }
+
+    /// Threads of a running `lora-ga-coord` named like its main thread: OpenBLAS's helpers
+    /// inherit that name (Swift's and NIO's threads name themselves).
+    func coordinatorMainNamedThreads(environment: [String: String]) throws -> Int {
+        let binary = FaultDrillTests.binaries.appendingPathComponent("lora-ga-coord").path
+        try #require(FileManager.default.isExecutableFile(atPath: binary), "build the executables first (swift build): \(binary) is missing")
+        let out = try Fixtures.scratch("helperThreads")
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let portFile = out + "/port"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["--workers", "1", "--out", out + "/job", "--listen", "127.0.0.1:0", "--port-file", portFile]
+        process.environment = ProcessInfo.processInfo.environment.filter { $0.key != "OPENBLAS_NUM_THREADS" }.merging(environment) { $1 }
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer { process.terminate(); process.waitUntilExit() }
+        let deadline = Date().addingTimeInterval(30)
+        while !FileManager.default.fileExists(atPath: portFile) && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
+        try #require(FileManager.default.fileExists(atPath: portFile), "the coordinator did not start listening")
+        let tasks = "/proc/\(process.processIdentifier)/task"
+        return try FileManager.default.contentsOfDirectory(atPath: tasks).filter { task in
+            (try? String(contentsOfFile: "\(tasks)/\(task)/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) == "lora-ga-coord"
+        }.count
+    }
+
+    @Test("the daemons stop OpenBLAS's spinning helper threads unless more BLAS threads were asked for")
+    func helperThreads() throws {
+        #expect(try coordinatorMainNamedThreads(environment: [:]) == 1)
+        if ProcessInfo.processInfo.activeProcessorCount >= 2 {   // OpenBLAS caps threads at the cores
+            #expect(try coordinatorMainNamedThreads(environment: ["OPENBLAS_NUM_THREADS": "2"]) == 2)
+        }
+    }
 }

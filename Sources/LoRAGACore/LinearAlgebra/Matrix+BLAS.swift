@@ -1,4 +1,5 @@
 import COpenBLAS
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,6 +14,27 @@ public enum BLAS {
         } else {
             openblas_set_num_threads(1)
         }
+    }
+
+    private static let threadSettingIsOurs = Mutex(false)
+
+    /// Whether OPENBLAS_NUM_THREADS in this process's environment was set by `stopHelperThreads`.
+    public static var setThreadsEnvironment: Bool { threadSettingIsOurs.withLock { $0 } }
+
+    /// OpenBLAS starts (cores − 1) helper threads when it loads, before `configureThreads`
+    /// can ask for one, and each spins on sched_yield for ~0.1 s before it sleeps. Six lora-ga
+    /// processes on 2 cores (`lora-ga local --workers 4`, one 4096×11008 dense layer) lost
+    /// a tenth of their ingest to that: 0.93–1.0 GB/s with the helpers, 1.01–1.20 without
+    /// (6 runs), worker CPU 0.21 → 0.16 s. Unless the user asked for more threads, this stops
+    /// them and sets OPENBLAS_NUM_THREADS=1 for child processes, whose OpenBLAS then starts
+    /// none. Call first thing in an executable, before any BLAS call.
+    public static func stopHelperThreads() {
+        guard getenvString("OPENBLAS_NUM_THREADS") == nil else { return }
+        setenv("OPENBLAS_NUM_THREADS", "1", 1)
+        threadSettingIsOurs.withLock { $0 = true }
+        openblas_set_num_threads(1)
+        guard let handle = dlopen(nil, RTLD_NOW), let shutdown = dlsym(handle, "blas_thread_shutdown_") else { return }
+        _ = unsafeBitCast(shutdown, to: (@convention(c) () -> Int32).self)()
     }
 
     /// C = alpha · op(A) · op(B) + beta · C on raw row-major storage.
