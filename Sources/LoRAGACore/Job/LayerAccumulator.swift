@@ -130,8 +130,8 @@ public struct LayerAccumulator: Sendable {
 /// One pass gives the residual in expanded form (DESIGN.md §1); a second pass sums it
 /// directly only where the expansion cancels (`FidelityAccumulator.expansionIsInaccurate`),
 /// which heavy-tailed real gradients do not need (MiniLM: estimates within 2e-6 of the direct
-/// pass). For a dense layer the direct pass cost as
-/// much again as the first (a copy and two rank-r updates of every block).
+/// pass). For a dense layer the direct pass cost as much again as the first (a copy and two
+/// rank-r updates of every block).
 public func estimatedFidelity<Source: RowBlockSource>(of source: inout Source, svd: TruncatedSVD, factors: LoRAFactors) throws -> Double {
     var accumulator = try FidelityAccumulator(factors: factors)
     try source.forEachRowBlock { accumulator.add($0) }
