@@ -368,17 +368,16 @@ public actor CoordinatorEngine {
         let rows = raw.count / (shard.cols * shard.dtype.byteSize)
         shard.progress.checksum.update(raw)
         let firstRow = shard.rowStart + shard.rowsDone
-        #if _endian(little)
-        let direct = shard.dtype == .f32 && accumulators[shard.layer]!.isDense
-        #else
-        let direct = false   // wire floats are little-endian
-        #endif
-        let bad: Int?
-        if direct {
-            // Checked and summed straight from the frame, in one pass.
-            bad = accumulators[shard.layer]!.addDenseFloat32(rowStart: firstRow, bytes: raw)
-        } else {
-            bad = decodeAndAdd(raw, rows: rows, of: shard)
+        let dense = accumulators[shard.layer]!.isDense
+        let bad = withFloats(raw, as: shard.dtype, unaligned: dense) { floats -> Int? in
+            if dense {
+                // Checked and summed in one pass (straight from the frame for F32).
+                return accumulators[shard.layer]!.addDenseFloat32(rowStart: firstRow, bytes: floats)
+            }
+            let block = RowBlock(rowStart: firstRow, rowCount: rows, cols: shard.cols, values: floats.assumingMemoryBound(to: Float.self))
+            if let offset = block.firstNonFiniteIndex() { return offset }
+            accumulators[shard.layer]!.add(block)
+            return nil
         }
         if let bad {
             let layer = machine.layers![shard.layer]
@@ -389,18 +388,19 @@ public actor CoordinatorEngine {
         return true
     }
 
-    /// A slice in another dtype, or for a sketch: decoded into floats, checked, then added.
-    private func decodeAndAdd(_ raw: UnsafeRawBufferPointer, rows: Int, of shard: IncomingShard) -> Int? {
-        let count = rows * shard.cols
+    /// The slice's values as native Float bytes: decoded into `scratch`, or, for F32 when the
+    /// body reads them `unaligned` (the dense sum does), the received bytes themselves (wire
+    /// floats are little-endian).
+    private func withFloats<T>(_ raw: UnsafeRawBufferPointer, as dtype: TensorDType, unaligned: Bool, _ body: (UnsafeRawBufferPointer) -> T) -> T {
+        #if _endian(little)
+        if dtype == .f32 && unaligned { return body(raw) }
+        #endif
+        let count = raw.count / dtype.byteSize
         if scratch.count < count { scratch = [Float](repeating: 0, count: count) }
-        let firstRow = shard.rowStart + shard.rowsDone
         return scratch.withUnsafeMutableBufferPointer { floats in
             let values = UnsafeMutableBufferPointer(rebasing: floats[0..<count])
-            FloatCodec.decode(raw, as: shard.dtype, into: values)
-            let block = RowBlock(rowStart: firstRow, rowCount: rows, cols: shard.cols, values: UnsafeBufferPointer(values))
-            if let offset = block.firstNonFiniteIndex() { return offset }
-            accumulators[shard.layer]!.add(block)
-            return nil
+            FloatCodec.decode(raw, as: dtype, into: values)
+            return body(UnsafeRawBufferPointer(values))
         }
     }
 

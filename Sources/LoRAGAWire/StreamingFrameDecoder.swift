@@ -63,7 +63,7 @@ public struct StreamingFrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable
                 }
                 buffer.moveReaderIndex(forwardBy: head + Shard.headerBytes)
                 open = (shard, 0)
-                return try decode(buffer: &buffer) ?? nil
+                return try decode(buffer: &buffer)
             }
         }
         return try frames.decode(buffer: &buffer).map(InboundFrame.message)

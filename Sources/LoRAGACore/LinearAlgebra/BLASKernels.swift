@@ -62,16 +62,21 @@ public enum BLASKernels {
         var selection = Selection(chosenByOpenBLAS: chosen, inUse: chosen)
         defer { selected.withLock { $0 = selection } }
         guard let target = replacement(current: chosen, cpuFlags: cpuFlags(), userChoice: getenvString("OPENBLAS_CORETYPE")),
-              let handle = dlopen(nil, RTLD_NOW),
-              let quit = dlsym(handle, "gotoblas_dynamic_quit"),
-              let initialize = dlsym(handle, "gotoblas_dynamic_init")
+              let quit = openBLASEntry("gotoblas_dynamic_quit"),
+              let initialize = openBLASEntry("gotoblas_dynamic_init")
         else { return selection }   // not a DYNAMIC_ARCH build: nothing to switch
-        typealias Entry = @convention(c) () -> Void
         setenv("OPENBLAS_CORETYPE", target, 1)   // read by gotoblas_dynamic_init; children inherit it
-        unsafeBitCast(quit, to: Entry.self)()
-        unsafeBitCast(initialize, to: Entry.self)()
+        quit()
+        initialize()
         selection.inUse = String(cString: openblas_get_corename())
         return selection
+    }
+
+    /// An OpenBLAS function outside its public API, looked up at run time so that builds
+    /// without it (no DYNAMIC_ARCH, another BLAS) still link. Its return value is ignored.
+    static func openBLASEntry(_ name: String) -> (@convention(c) () -> Void)? {
+        guard let handle = dlopen(nil, RTLD_NOW), let symbol = dlsym(handle, name) else { return nil }
+        return unsafeBitCast(symbol, to: (@convention(c) () -> Void).self)
     }
 
     /// Feature flags of the first CPU in /proc/cpuinfo (empty where there is none).

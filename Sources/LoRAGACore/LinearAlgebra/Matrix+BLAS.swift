@@ -33,8 +33,7 @@ public enum BLAS {
         setenv("OPENBLAS_NUM_THREADS", "1", 1)
         threadSettingIsOurs.withLock { $0 = true }
         openblas_set_num_threads(1)
-        guard let handle = dlopen(nil, RTLD_NOW), let shutdown = dlsym(handle, "blas_thread_shutdown_") else { return }
-        _ = unsafeBitCast(shutdown, to: (@convention(c) () -> Int32).self)()
+        BLASKernels.openBLASEntry("blas_thread_shutdown_")?()
     }
 
     /// C = alpha · op(A) · op(B) + beta · C on raw row-major storage.
