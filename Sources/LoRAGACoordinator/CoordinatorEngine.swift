@@ -89,6 +89,10 @@ public actor CoordinatorEngine {
         let sliceRows: Int
         /// The worker's progress on the layer, stored back when the last piece is in.
         var progress: Progress
+        /// The shard's declared checksum, and whether its payload matched it (known with the
+        /// last piece, hashed by the decoder).
+        let checksum: UInt64
+        var checksumMatches: Bool?
         /// Rows of the shard already added, and bytes of the next slice staged so far.
         var rowsDone = 0
         var staged = 0
@@ -240,11 +244,13 @@ public actor CoordinatorEngine {
     private func receiveShard(_ shard: Shard, from connection: JobStateMachine.ConnectionID) {
         var fields = shard
         fields.payload = ByteBuffer()
+        let matches = shard.payloadMatchesChecksum
         guard shard.compression == .zstdShuffled else {
-            return receivePiece(ShardPiece(shard: fields, offset: 0, bytes: shard.payload), from: connection)
+            return receivePiece(ShardPiece(shard: fields, offset: 0, bytes: shard.payload, checksumMatches: matches), from: connection)
         }
         // Shape and dtype are checked against the job before decompression allocates.
-        guard let started = startShard(fields, from: connection) else { return }
+        guard var started = startShard(fields, from: connection) else { return }
+        started.checksumMatches = matches
         incoming[connection] = .some(started)
         let bytes: ByteBuffer
         do {
@@ -258,12 +264,16 @@ public actor CoordinatorEngine {
     }
 
     /// Rows of a shard as they arrive. The first piece is checked against the job (layer,
-    /// attempt, shape, row order, dtype); each slice of rows is hashed, decoded, checked for
-    /// NaN/Inf and added once all of its bytes are in; the last piece records the worker's
-    /// progress, which its commit must match.
+    /// attempt, shape, row order, dtype); each slice of rows is decoded, checked for NaN/Inf
+    /// and added once all of its bytes are in; the last piece brings the checksum's verdict
+    /// and records the worker's progress, which its commit must match.
     private func receivePiece(_ piece: ShardPiece, from connection: JobStateMachine.ConnectionID) {
         if piece.isFirst {
             incoming[connection] = .some(startShard(piece.shard, from: connection))
+        }
+        if let matches = piece.checksumMatches, var shard = incoming[connection] ?? nil {
+            shard.checksumMatches = matches
+            incoming[connection] = .some(shard)
         }
         addRows(piece.bytes, isLast: piece.isLast, from: connection, wireBytes: piece.bytes.readableBytes)
     }
@@ -306,6 +316,13 @@ public actor CoordinatorEngine {
         }
         if isLast {
             assert(shard.rowsDone == shard.rows, "a shard's pieces add up to its rows (the decoder checks the frame length)")
+            guard shard.checksumMatches == true else {
+                let layer = machine.layers![shard.layer]
+                // Its rows are in the sum already: refusing the connection discards the
+                // worker's uncommitted rows of the layer, as a bad commit does.
+                return refuse(connection, ErrorMessage(code: .badData, message: "layer '\(layer.name)': shard rows \(shard.rowStart)..<\(shard.rowStart + shard.rows) do not match their checksum; reconnect to resend"))
+            }
+            shard.progress.checksum.addShard(shard.checksum)
             shard.progress.nextRow += shard.rows
             shard.progress.shards += 1
             progress[shard.layer, default: [:]][shard.worker] = shard.progress
@@ -355,18 +372,17 @@ public actor CoordinatorEngine {
             }
         }
         let rows = Int(shard.rowCount)
-        // A dense sum takes a shard in slices of ~256 KB: hashed, decoded, checked and added
+        // A dense sum takes a shard in slices of ~256 KB: decoded, checked and added
         // while the slice is in cache. A sketch multiplies whole shards (its GEMM wants them).
         let sliceRows = accumulators[index]!.isDense ? Swift.max(1, Swift.min(rows, Self.denseSliceBytes / (4 * layer.cols))) : rows
         return IncomingShard(layer: index, worker: worker, rowStart: Int(shard.rowStart), rows: rows, cols: layer.cols,
-                             dtype: dtype, sliceRows: sliceRows, progress: state)
+                             dtype: dtype, sliceRows: sliceRows, progress: state, checksum: shard.checksum)
     }
 
-    /// Hashes, decodes, checks and adds the next slice of rows; false when it held a NaN or
+    /// Decodes, checks and adds the next slice of rows; false when it held a NaN or
     /// Inf, which fails the job (so slices added before it do not matter).
     private func addSlice(_ raw: UnsafeRawBufferPointer, of shard: inout IncomingShard) -> Bool {
         let rows = raw.count / (shard.cols * shard.dtype.byteSize)
-        shard.progress.checksum.update(raw)
         let firstRow = shard.rowStart + shard.rowsDone
         let dense = accumulators[shard.layer]!.isDense
         let bad = withFloats(raw, as: shard.dtype, unaligned: dense) { floats -> Int? in

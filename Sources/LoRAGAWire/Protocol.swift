@@ -1,4 +1,4 @@
-/// # lora-ga wire protocol, version 1
+/// # lora-ga wire protocol, version 2
 ///
 /// A coordinator (TCP server) and workers (clients) exchange length-prefixed
 /// binary frames. The codec below knows message layouts and structural limits
@@ -44,12 +44,12 @@
 ///
 /// | type | name | direction | payload |
 /// |---:|---|---|---|
-/// | 1 | `Hello` | worker → coord | protocolVersion u16 (=1), workerID string, sessionNonce u64, authProof bytes32 |
+/// | 1 | `Hello` | worker → coord | protocolVersion u16 (=2), workerID string, sessionNonce u64, authProof bytes32 |
 /// | 2 | `Challenge` | coord → worker | nonce bytes32 |
 /// | 3 | `JobSpec` | coord → worker | protocolVersion u16, jobID string, mode u8 (0 dense, 1 sketch, 2 power), rank u32, sketchWidth u32, seed u64, powerIterations u32, rowsPerShard u32, payloadDType u8 (F32/BF16/F16), compression u8, skipLayers [string] |
 /// | 4 | `Announce` | worker → coord | layers [LayerInfo{name string, rows u64, cols u64, sourceDType u8}] |
 /// | 5 | `LayerBegin` | coord → worker | layerIndex u32, attempt u32, name string |
-/// | 6 | `Shard` | worker → coord | layerIndex u32, attempt u32, rowStart u64, rowCount u32, cols u64, dtype u8, compression u8, uncompressedBytes u64, payload (rest of frame) |
+/// | 6 | `Shard` | worker → coord | layerIndex u32, attempt u32, rowStart u64, rowCount u32, cols u64, dtype u8, compression u8, uncompressedBytes u64, checksum u64, payload (rest of frame) |
 /// | 7 | `LayerCommit` | worker → coord | layerIndex u32, attempt u32, shardCount u32, rowCount u64, checksum u64 |
 /// | 8 | `LayerDone` | coord → worker | layerIndex u32 |
 /// | 9 | `PowerRequest` | coord → worker | layerIndex u32, round u32, side u8 (0 range, 1 corange), matrixRows u32, matrixCols u32, payload F32 LE |
@@ -67,7 +67,7 @@
 ///   worker process: a reconnect shows the same workerID with the same nonce,
 ///   a restarted worker a new one. `authProof` is all zero when the job has no
 ///   secret.
-/// - `Challenge.nonce` is 32 random bytes; v1 sends it but the HMAC answer is
+/// - `Challenge.nonce` is 32 random bytes; it is sent but the HMAC answer is
 ///   reserved for a later revision (planned: HMAC-SHA256(secret, nonce ‖
 ///   workerID ‖ sessionNonce) carried in `Hello.authProof` of a re-sent Hello).
 /// - `JobSpec.sketchWidth` is k = 2r + oversampling; `seed` drives the
@@ -78,9 +78,17 @@
 ///   equals `rowCount × cols × size(dtype)`; without compression the payload
 ///   is exactly that many bytes. With compression the receiver must check
 ///   `rowCount`/`cols` against the job before allocating `uncompressedBytes`.
-/// - `LayerCommit.checksum` is xxHash64 (seed 0, see ``ShardChecksum``) over
-///   the *uncompressed* payload bytes of all the layer's shards, in send order.
-///   A layer counts only once the commit arrives and the checksum matches.
+/// - `Shard.checksum` is xxHash64 (seed 0, see ``ShardChecksum``) of the
+///   payload as sent (compressed bytes when compressed). The coordinator hashes
+///   each piece as it reads it; a shard that does not match is refused like a
+///   bad commit (the worker reconnects and resends the layer).
+/// - `LayerCommit.checksum` is xxHash64 (seed 0) over the checksums of the
+///   layer's shards (u64 LE each), in send order. A layer counts only once the
+///   commit arrives and rows, shard count and this checksum match.
+/// - Version 1 hashed all of a layer's uncompressed payload bytes into the
+///   commit instead of each shard: both ends then hashed after the bytes had
+///   left the cache (a third of the per-byte CPU of a dense job). Version 2
+///   refuses version-1 peers with `badVersion`.
 /// - `PowerRequest` side 0 (range): X is cols × k, reply with G·X (rows × k);
 ///   side 1 (corange): X is rows × k, reply with Gᵀ·X (cols × k).
 ///   `matrixRows`/`matrixCols` describe the payload matrix of *this* frame;
@@ -95,7 +103,7 @@
 /// worker                                  coordinator
 ///   Hello(version, workerID, nonce, proof) ──▶
 ///                                        ◀── Challenge(nonce)
-///   (authentication: reserved in v1)
+///   (authentication: reserved)
 ///                                        ◀── JobSpec(mode, rank, k, seed, …, skipLayers)
 ///   Announce([LayerInfo]) ──▶                (coordinator checks shapes against the job)
 ///
@@ -122,7 +130,7 @@
 /// coordinator discards its uncommitted shards and sends `LayerBegin` again.
 public enum WireProtocol {
     /// The protocol version this module speaks.
-    public static let version: UInt16 = 1
+    public static let version: UInt16 = 2
 
     /// Default bound on a frame's `length` field: a 64 MiB shard plus 64 KiB of headers.
     public static let defaultMaxFrameLength = (64 << 20) + (64 << 10)

@@ -1,12 +1,12 @@
 import NIOCore
 
-/// Incremental xxHash64 (Yann Collet's XXH64, seed 0 on the wire) over the
-/// uncompressed payload bytes of a layer's shards, in send order.
+/// Incremental xxHash64 (Yann Collet's XXH64, seed 0 on the wire).
 ///
-/// Both ends feed the same bytes, in any chunking, and compare
-/// `LayerCommit.checksum` with ``value``. xxHash64 runs four independent
-/// lanes of 8 bytes, so it keeps up with a network link where byte-at-a-time
-/// FNV-1a (one dependent multiply per byte) would not.
+/// On the wire: `Shard.checksum` is the hash of the shard's payload as sent, and
+/// `LayerCommit.checksum` the hash of the layer's shard checksums (8 bytes little-endian
+/// each, in send order, see ``addShard(_:)``). Both ends feed the same bytes, in any
+/// chunking. xxHash64 runs four independent lanes of 8 bytes, so it keeps up with a
+/// network link where byte-at-a-time FNV-1a (one dependent multiply per byte) would not.
 public struct ShardChecksum: Sendable, Hashable {
     public static let algorithm = "xxHash64"
 
@@ -55,6 +55,19 @@ public struct ShardChecksum: Sendable, Hashable {
     /// One-shot hash of `bytes`.
     public static func hash(_ bytes: [UInt8], seed: UInt64 = 0) -> UInt64 {
         bytes.withUnsafeBytes { hash($0, seed: seed) }
+    }
+
+    /// Feeds one shard's checksum (8 bytes, little-endian): a layer's commit checksum is the
+    /// hash of its shards' checksums in send order.
+    public mutating func addShard(_ shardChecksum: UInt64) {
+        withUnsafeBytes(of: shardChecksum.littleEndian) { update($0) }
+    }
+
+    /// The commit checksum of a layer sent as shards with these checksums, in this order.
+    public static func layer(shardChecksums: [UInt64]) -> UInt64 {
+        var checksum = ShardChecksum()
+        for shard in shardChecksums { checksum.addShard(shard) }
+        return checksum.value
     }
 
     /// Feeds the readable bytes of `buffer` (the reader index is not moved).

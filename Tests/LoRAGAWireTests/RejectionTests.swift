@@ -120,7 +120,7 @@ struct RejectionTests {
     @Test("shard payload size must match rowCount × cols × dtype")
     func shardPayloadSize() throws {
         func shardPayload(rowCount: UInt32, cols: UInt64, dtype: UInt8, compression: UInt8 = 0, uncompressed: UInt64, bytes: Int) -> ByteBuffer {
-            let header = le32(0) + le32(0) + le64(0) + le32(rowCount) + le64(cols) + [dtype, compression] + le64(uncompressed)
+            let header = le32(0) + le32(0) + le64(0) + le32(rowCount) + le64(cols) + [dtype, compression] + le64(uncompressed) + le64(0)
             return Samples.rawFrame(type: 6, payload: header + [UInt8](repeating: 0, count: bytes))
         }
         #expect(try Samples.decodeAll(shardPayload(rowCount: 2, cols: 3, dtype: 0, uncompressed: 24, bytes: 24)).count == 1)
@@ -137,7 +137,7 @@ struct RejectionTests {
         #expect(isMalformed(decodeError(shardPayload(rowCount: 2, cols: 3, dtype: 0, compression: 1, uncompressed: 24, bytes: 0)), .shard))
         #expect(isMalformed(decodeError(shardPayload(rowCount: 2, cols: 3, dtype: 0, compression: 1, uncompressed: 1 << 40, bytes: 5)), .shard))
         // rowStart + rowCount must not overflow.
-        let header = le32(0) + le32(0) + le64(.max) + le32(1) + le64(1) + [0, 0] + le64(4)
+        let header = le32(0) + le32(0) + le64(.max) + le32(1) + le64(1) + [0, 0] + le64(4) + le64(0)
         #expect(isMalformed(decodeError(Samples.rawFrame(type: 6, payload: header + [0, 0, 0, 0])), .shard, containing: "overflows"))
     }
 

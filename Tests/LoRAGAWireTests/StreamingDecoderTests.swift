@@ -28,6 +28,7 @@ import Testing
                     }
                     #expect(piece.shard == open?.shard && piece.offset == open?.payload.readableBytes, "pieces in order, of one shard")
                     let last = piece.isLast
+                    #expect(piece.checksumMatches == (last ? true : nil), "a verdict on the last piece only, and these are intact")
                     open?.payload.writeBuffer(&piece.bytes)
                     if last, let (fields, payload) = open {
                         var shard = fields
@@ -48,6 +49,27 @@ import Testing
         for message in Samples.messages { try message.encodeFrame(into: &stream) }
         for seed: UInt64 in 1...5 {
             #expect(try decode(stream, seed: seed, maxRead: maxRead) == Samples.messages)
+        }
+    }
+
+    @Test("the last piece says whether the shard's bytes match its checksum, however the reads are cut", arguments: [1, 7, 300, 4096])
+    func checksumVerdict(maxRead: Int) throws {
+        let shard = WireMessage.shard(Shard(layerIndex: 0, rowStart: 0, rowCount: 16, cols: 16, dtype: .f32,
+                                            payload: ByteBuffer(float32LittleEndian: Samples.floats(256))))
+        let intact = try Samples.frame(shard)
+        for damagedByte in [nil, 4 + 1 + Shard.headerBytes, intact.readableBytes - 300, intact.readableBytes - 1] {
+            var frame = intact
+            if let at = damagedByte { frame.setInteger(intact.getInteger(at: at, as: UInt8.self)! ^ 0x10, at: at) }
+            let channel = EmbeddedChannel(handler: ByteToMessageHandler(StreamingFrameDecoder()))
+            var verdicts: [Bool?] = []
+            var rest = frame
+            while rest.readableBytes > 0 {
+                try channel.writeInbound(rest.readSlice(length: Swift.min(maxRead, rest.readableBytes))!)
+                while case .shardPiece(let piece)? = try channel.readInbound(as: InboundFrame.self) { verdicts.append(piece.checksumMatches) }
+            }
+            #expect(try channel.finish().isClean)
+            #expect(verdicts.last == .some(damagedByte == nil), "byte \(String(describing: damagedByte)) damaged")
+            #expect(verdicts.dropLast().allSatisfy { $0 == nil })
         }
     }
 

@@ -6,12 +6,14 @@ import NIOCore
 /// `uncompressedBytes` is always `rowCount × cols × dtype.byteWidth`; without
 /// compression `payload` holds exactly that many bytes. With compression the
 /// receiver checks `rowCount` and `cols` against the job before it allocates
-/// `uncompressedBytes` for decompression.
+/// `uncompressedBytes` for decompression. `checksum` is xxHash64 (seed 0) of
+/// the payload as sent (the compressed bytes when compressed): the receiver
+/// checks it where the bytes arrive, while they are still in cache.
 public struct Shard: WireMessageBody {
     public static let messageType = WireMessageType.shard
 
     /// Bytes before the payload.
-    public static let headerBytes = 4 + 4 + 8 + 4 + 8 + 1 + 1 + 8
+    public static let headerBytes = 4 + 4 + 8 + 4 + 8 + 1 + 1 + 8 + 8
 
     public var layerIndex: UInt32
     /// The attempt of the `LayerBegin` this shard answers (older attempts are discarded).
@@ -22,6 +24,8 @@ public struct Shard: WireMessageBody {
     public var dtype: WireDType
     public var compression: WireCompression
     public var uncompressedBytes: UInt64
+    /// ``ShardChecksum`` of `payload` as sent, computed by the sender.
+    public var checksum: UInt64
     /// Decoded shards keep a slice of the received frame: no copy.
     public var payload: ByteBuffer
 
@@ -34,6 +38,7 @@ public struct Shard: WireMessageBody {
         compression: WireCompression,
         uncompressedBytes: UInt64,
         payload: ByteBuffer,
+        checksum: UInt64? = nil,
         attempt: UInt32 = 0
     ) {
         self.layerIndex = layerIndex
@@ -45,14 +50,23 @@ public struct Shard: WireMessageBody {
         self.compression = compression
         self.uncompressedBytes = uncompressedBytes
         self.payload = payload
+        self.checksum = checksum ?? payload.withUnsafeReadableBytes { ShardChecksum.hash($0) }
     }
 
-    /// An uncompressed shard; `uncompressedBytes` is the payload's size.
-    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payload: ByteBuffer, attempt: UInt32 = 0) {
+    /// An uncompressed shard; `uncompressedBytes` is the payload's size, and `checksum`
+    /// is computed from `payload` unless given.
+    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payload: ByteBuffer,
+                checksum: UInt64? = nil, attempt: UInt32 = 0) {
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype,
-            compression: .uncompressed, uncompressedBytes: UInt64(payload.readableBytes), payload: payload, attempt: attempt
+            compression: .uncompressed, uncompressedBytes: UInt64(payload.readableBytes), payload: payload, checksum: checksum, attempt: attempt
         )
+    }
+
+    /// Whether `payload` hashes to `checksum` (for shards decoded whole; the streaming
+    /// decoder checks pieces as they arrive, see ``ShardPiece/checksumMatches``).
+    public var payloadMatchesChecksum: Bool {
+        payload.withUnsafeReadableBytes { ShardChecksum.hash($0) } == checksum
     }
 
     /// Rows one past the last row of this shard (validated not to overflow).
@@ -102,6 +116,7 @@ public struct Shard: WireMessageBody {
         buffer.writeLittleEndian(dtype.rawValue)
         buffer.writeLittleEndian(compression.rawValue)
         buffer.writeLittleEndian(uncompressedBytes)
+        buffer.writeLittleEndian(checksum)
     }
 
     public init(from buffer: inout ByteBuffer) throws(WireError) {
@@ -122,10 +137,11 @@ public struct Shard: WireMessageBody {
         let dtype = try reader.enumeration("dtype", as: WireDType.self)
         let compression = try reader.enumeration("compression", as: WireCompression.self)
         let uncompressedBytes = try reader.integer("uncompressedBytes", as: UInt64.self)
+        let checksum = try reader.integer("checksum", as: UInt64.self)
         buffer = reader.buffer
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype,
-            compression: compression, uncompressedBytes: uncompressedBytes, payload: ByteBuffer(), attempt: attempt
+            compression: compression, uncompressedBytes: uncompressedBytes, payload: ByteBuffer(), checksum: checksum, attempt: attempt
         )
     }
 }
