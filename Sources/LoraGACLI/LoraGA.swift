@@ -19,10 +19,23 @@ struct LoraGA: ParsableCommand {
         subcommands: [InitCommand.self, LocalCommand.self, VerifyCommand.self, InspectCommand.self, ExportCommand.self, SynthCommand.self, BenchCommand.self])
 
     static func main() {
-        // Before any BLAS call and any other thread: it swaps OpenBLAS's kernel table.
-        if let note = BLASKernels.selectForThisCPU().note { log("lora-ga: \(note)") }
-        BLAS.stopHelperThreads()
-        main(nil)
+        var command: any ParsableCommand
+        do {
+            command = try parseAsRoot()
+        } catch {
+            exit(withError: error)   // usage errors: no BLAS, nothing to say about it
+        }
+        // Before any BLAS call and any other thread: it swaps OpenBLAS's kernel table. Not for
+        // the parser's own commands (`lora-ga local --help` parses to ArgumentParser's help).
+        if !String(reflecting: type(of: command)).hasPrefix("ArgumentParser.") {
+            if let note = BLASKernels.selectForThisCPU().note { log("lora-ga: \(note)") }
+            BLAS.stopHelperThreads()
+        }
+        do {
+            try command.run()
+        } catch {
+            exit(withError: error)
+        }
     }
 }
 

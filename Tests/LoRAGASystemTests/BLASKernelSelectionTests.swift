@@ -43,6 +43,39 @@ import Testing
         #expect((report["environment"] as? [String: String])?["OPENBLAS_CORETYPE"] == "Prescott")
     }
 
+    /// Runs `lora-ga` with `arguments` (OPENBLAS_CORETYPE unset); its exit status and stderr.
+    func stderr(of arguments: [String]) throws -> (status: Int32, text: String) {
+        let binary = FaultDrillTests.binaries.appendingPathComponent("lora-ga").path
+        try #require(FileManager.default.isExecutableFile(atPath: binary), "build the executables first (swift build): \(binary) is missing")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        process.environment = ProcessInfo.processInfo.environment.filter { $0.key != "OPENBLAS_CORETYPE" }
+        let errors = Pipe()
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = errors
+        try process.run()
+        let data = errors.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    @Test("--help says nothing about BLAS kernels, where a real command would")
+    func helpIsQuiet() throws {
+        let note = "set OPENBLAS_CORETYPE to choose yourself"
+        let machine = try stderr(of: ["bench", "machine", "--shapes", "64x64", "--k", "8", "--seconds", "0.01", "--loopback-mib", "0"])
+        #expect(machine.status == 0)
+        for arguments in [["--help"], ["local", "--help"], ["help", "init"]] {
+            let help = try stderr(of: arguments)
+            #expect(help.status == 0, "\(arguments)")
+            #expect(!help.text.contains(note), "\(arguments): \(help.text)")
+        }
+        // Where OpenBLAS picks vector kernels itself there is no note to leave out.
+        if try machineReport(environment: [:])["openblas_core_chosen_by_openblas"] != nil {
+            #expect(machine.text.contains(note))
+        }
+    }
+
     /// Threads of a running `lora-ga-coord` named like its main thread: OpenBLAS's helpers
     /// inherit that name (Swift's and NIO's threads name themselves).
     func coordinatorMainNamedThreads(environment: [String: String]) throws -> Int {
