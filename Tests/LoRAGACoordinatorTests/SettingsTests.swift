@@ -5,15 +5,17 @@ import LoRAGACore
 
 /// Daemon settings: flags > LORA_GA_* environment > JSON config file > defaults.
 @Suite struct SettingsTests {
-    func configFile(_ json: String) throws -> String {
+    /// Settings layered over a config file holding `json` (the file is removed afterwards).
+    func layers(configFile json: String, environment: [String: String] = [:]) throws -> LayeredSettings {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("lora-ga-config-\(UUID().uuidString).json").path
         try json.write(toFile: path, atomically: true, encoding: .utf8)
-        return path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        return try LayeredSettings(configFile: path, environment: environment)
     }
 
     @Test func flagsBeatEnvironmentWhichBeatsTheFileWhichBeatsDefaults() throws {
-        let file = try configFile(#"{"_comment": "x", "workers": 4, "rank": 16, "mode": "power", "out": "/file", "rslora": true, "listen": "127.0.0.1:9000"}"#)
-        let layers = try LayeredSettings(configFile: file, environment: ["LORA_GA_RANK": "32", "LORA_GA_OUT": "/env"])
+        let layers = try self.layers(configFile: #"{"_comment": "x", "workers": 4, "rank": 16, "mode": "power", "out": "/file", "rslora": true, "listen": "127.0.0.1:9000"}"#,
+                                environment: ["LORA_GA_RANK": "32", "LORA_GA_OUT": "/env"])
         let settings = try CoordinatorSettings(flags: ["out": "/flag"], layers: layers)
         #expect(settings.options.outputDirectory == "/flag")             // flag
         #expect(settings.options.settings.lora.rank == 32)               // environment
@@ -31,8 +33,7 @@ import LoRAGACore
         #expect(error?.message == "LORA_GA_RANK: 'eight' is not a valid rank")
         let missing = #expect(throws: JobError.self) { _ = try CoordinatorSettings(flags: ["out": "/o"], layers: try LayeredSettings(configFile: nil, environment: [:])) }
         #expect(missing?.message.contains("LORA_GA_WORKERS") == true)
-        let file = try configFile(#"{"workers": [1, 2]}"#)
-        #expect(throws: JobError.self) { _ = try LayeredSettings(configFile: file, environment: [:]) }
+        #expect(throws: JobError.self) { _ = try self.layers(configFile: #"{"workers": [1, 2]}"#) }
         #expect(throws: JobError.self) { _ = try LayeredSettings(configFile: "/nonexistent/config.json", environment: [:]) }
     }
 
