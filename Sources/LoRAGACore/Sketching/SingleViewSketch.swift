@@ -52,6 +52,11 @@ public struct SingleViewSketch: Sendable {
         self.z = Matrix(rows: s, cols: s)
     }
 
+    /// Columns of the test matrices every row block is multiplied by (Ω and Ξᵀ, k + s with
+    /// s = 2k + 1): BLAS packs them anew for each block, so they size the blocks
+    /// (`RowBlock.rowsPerProductBlock`).
+    public static func blockProductWidth(width k: Int) -> Int { k + 2 * k + 1 }
+
     /// Floats held by this sketch (state plus test matrices), for memory accounting.
     public var floatCount: Int {
         omega.storage.count + xiT.storage.count + y.storage.count + x.storage.count + z.storage.count
