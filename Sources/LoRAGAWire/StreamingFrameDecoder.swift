@@ -52,7 +52,8 @@ public struct StreamingFrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable
     }
 
     public mutating func decode(buffer: inout ByteBuffer) throws(WireError) -> InboundFrame? {
-        if var (shard, received, checksum) = open {
+        if let (shard, received, hashed) = open {
+            var checksum = hashed
             let count = Swift.min(buffer.readableBytes, Int(shard.uncompressedBytes) - received)
             guard count > 0 else { return nil }
             var piece = ShardPiece(shard: shard, offset: received, bytes: buffer.readSlice(length: count)!)
