@@ -89,10 +89,8 @@ public actor CoordinatorEngine {
         let sliceRows: Int
         /// The worker's progress on the layer, stored back when the last piece is in.
         var progress: Progress
-        /// The shard's declared checksum, and whether its payload matched it (known with the
-        /// last piece, hashed by the decoder).
+        /// The shard's declared checksum, counted into the commit's once the shard is in.
         let checksum: UInt64
-        var checksumMatches: Bool?
         /// Rows of the shard already added, and bytes of the next slice staged so far.
         var rowsDone = 0
         var staged = 0
@@ -244,13 +242,11 @@ public actor CoordinatorEngine {
     private func receiveShard(_ shard: Shard, from connection: JobStateMachine.ConnectionID) {
         var fields = shard
         fields.payload = ByteBuffer()
-        let matches = shard.payloadMatchesChecksum
         guard shard.compression == .zstdShuffled else {
-            return receivePiece(ShardPiece(shard: fields, offset: 0, bytes: shard.payload, checksumMatches: matches), from: connection)
+            return receivePiece(ShardPiece(shard: fields, offset: 0, bytes: shard.payload, checksumMatches: shard.payloadMatchesChecksum), from: connection)
         }
         // Shape and dtype are checked against the job before decompression allocates.
-        guard var started = startShard(fields, from: connection) else { return }
-        started.checksumMatches = matches
+        guard let started = startShard(fields, from: connection) else { return }
         incoming[connection] = .some(started)
         let bytes: ByteBuffer
         do {
@@ -260,7 +256,7 @@ public actor CoordinatorEngine {
         } catch {
             return refuse(connection, ErrorMessage(code: .badData, message: "layer \(shard.layerIndex): \(error)"))
         }
-        addRows(bytes, isLast: true, from: connection, wireBytes: shard.payload.readableBytes)
+        addRows(bytes, checksumMatches: shard.payloadMatchesChecksum, from: connection, wireBytes: shard.payload.readableBytes)
     }
 
     /// Rows of a shard as they arrive. The first piece is checked against the job (layer,
@@ -271,16 +267,13 @@ public actor CoordinatorEngine {
         if piece.isFirst {
             incoming[connection] = .some(startShard(piece.shard, from: connection))
         }
-        if let matches = piece.checksumMatches, var shard = incoming[connection] ?? nil {
-            shard.checksumMatches = matches
-            incoming[connection] = .some(shard)
-        }
-        addRows(piece.bytes, isLast: piece.isLast, from: connection, wireBytes: piece.bytes.readableBytes)
+        addRows(piece.bytes, checksumMatches: piece.isLast ? piece.checksumMatches ?? false : nil, from: connection, wireBytes: piece.bytes.readableBytes)
     }
 
     /// The next bytes of the shard being received on `connection` (`wireBytes` of them counted
-    /// as received: compressed shards arrived smaller than their rows).
-    private func addRows(_ received: ByteBuffer, isLast: Bool, from connection: JobStateMachine.ConnectionID, wireBytes: Int) {
+    /// as received: compressed shards arrived smaller than their rows). `checksumMatches` is
+    /// nil until the shard's last bytes, which come with the checksum's verdict.
+    private func addRows(_ received: ByteBuffer, checksumMatches: Bool?, from connection: JobStateMachine.ConnectionID, wireBytes: Int) {
         guard var shard = incoming[connection] ?? nil else { return }   // refused, or never begun
         var bytes = received
         while bytes.readableBytes > 0 {
@@ -314,9 +307,9 @@ public actor CoordinatorEngine {
                 staging[connection] = buffer
             }
         }
-        if isLast {
+        if let checksumMatches {
             assert(shard.rowsDone == shard.rows, "a shard's pieces add up to its rows (the decoder checks the frame length)")
-            guard shard.checksumMatches == true else {
+            guard checksumMatches else {
                 let layer = machine.layers![shard.layer]
                 // Its rows are in the sum already: refusing the connection discards the
                 // worker's uncommitted rows of the layer, as a bad commit does.

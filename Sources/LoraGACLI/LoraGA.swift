@@ -25,11 +25,10 @@ struct LoraGA: ParsableCommand {
         } catch {
             exit(withError: error)   // usage errors: no BLAS, nothing to say about it
         }
-        // Before any BLAS call and any other thread: it swaps OpenBLAS's kernel table. Not for
-        // the parser's own commands (`lora-ga local --help` parses to ArgumentParser's help).
-        if !String(reflecting: type(of: command)).hasPrefix("ArgumentParser.") {
-            if let note = BLASKernels.selectForThisCPU().note { log("lora-ga: \(note)") }
-            BLAS.stopHelperThreads()
+        // Before any BLAS call and any other thread. Not for the parser's own commands
+        // (`lora-ga local --help` parses to ArgumentParser's help).
+        if !String(reflecting: type(of: command)).hasPrefix("ArgumentParser."), let note = BLAS.setUpForThisProcess() {
+            log("lora-ga: \(note)")
         }
         do {
             try command.run()

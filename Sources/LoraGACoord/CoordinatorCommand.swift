@@ -54,9 +54,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         var logger = Logger(label: "lora-ga-coord")
         logger.logLevel = .info
-        // Before any BLAS call: it swaps OpenBLAS's kernel table.
-        if let note = BLASKernels.selectForThisCPU().note { logger.info("\(note)") }
-        BLAS.stopHelperThreads()
+        if let note = BLAS.setUpForThisProcess() { logger.info("\(note)") }
         var flags: [String: String] = [:]
         func put(_ key: String, _ value: (any CustomStringConvertible)?) { if let value { flags[key] = value.description } }
         put("listen", listen); put("workers", workers); put("out", out); put("rank", rank); put("alpha", alpha)

@@ -36,9 +36,7 @@ struct WorkerCommand: AsyncParsableCommand {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         var logger = Logger(label: "lora-ga-worker")
         logger.logLevel = .info
-        // Before any BLAS call: it swaps OpenBLAS's kernel table.
-        if let note = BLASKernels.selectForThisCPU().note { logger.info("\(note)") }
-        BLAS.stopHelperThreads()
+        if let note = BLAS.setUpForThisProcess() { logger.info("\(note)") }
         let started = ContinuousClock.now
         StreamingMemory.keepFrameBuffersMapped()
         do {

@@ -21,6 +21,15 @@ public enum BLAS {
     /// Whether OPENBLAS_NUM_THREADS in this process's environment was set by `stopHelperThreads`.
     public static var setThreadsEnvironment: Bool { threadSettingIsOurs.withLock { $0 } }
 
+    /// What every executable does first, before any BLAS call and any other thread: the CPU's
+    /// vector kernels where OpenBLAS fell back to generic ones (`BLASKernels.selectForThisCPU`),
+    /// then no spinning helper threads (`stopHelperThreads`). Returns the line to log, if any.
+    public static func setUpForThisProcess() -> String? {
+        let note = BLASKernels.selectForThisCPU().note
+        stopHelperThreads()
+        return note
+    }
+
     /// OpenBLAS starts (cores − 1) helper threads when it loads, before `configureThreads`
     /// can ask for one, and each spins on sched_yield for ~0.1 s before it sleeps. Six lora-ga
     /// processes on 2 cores (`lora-ga local --workers 4`, one 4096×11008 dense layer) lost
