@@ -17,8 +17,8 @@ struct SystemCallError: Error, CustomStringConvertible {
 
 /// Owner of one POSIX file descriptor, closed exactly once in `deinit`.
 ///
-/// Positional I/O (`pread`/`pwrite`) keeps no shared file offset, and nothing is
-/// mapped, so resident memory stays independent of the file's size.
+/// Positional I/O (`pread`/`pwrite`) keeps no shared file offset, and mappings
+/// (`withMappedBytes`) last one call, so resident memory stays independent of the file's size.
 final class PosixFile {
     let descriptor: Int32
 
@@ -49,6 +49,26 @@ final class PosixFile {
         var status = stat()
         guard fstat(descriptor, &status) == 0 else { throw SystemCallError(operation: "fstat", code: errno) }
         return Int(status.st_size)
+    }
+
+    /// Calls `body` with `count` bytes at `offset` mapped read-only from the page cache
+    /// (`MAP_POPULATE`: the pages are mapped in one go, not faulted in one by one), unmapped
+    /// afterwards. The range is checked against the file's size first — touching a mapping
+    /// past the end of a file that shrank raises SIGBUS where `pread` would return short.
+    func withMappedBytes<T>(count: Int, at offset: Int, _ body: (UnsafeRawBufferPointer) throws -> T) throws -> T {
+        guard count > 0 else { return try body(UnsafeRawBufferPointer(start: nil, count: 0)) }
+        let fileSize = try size()
+        guard offset >= 0, offset + count <= fileSize else {
+            throw SystemCallError(operation: "mmap (bytes \(offset)..<\(offset + count) of a \(fileSize)-byte file)", code: EINVAL)
+        }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = offset / page * page
+        let length = offset + count - start
+        guard let base = mmap(nil, length, PROT_READ, MAP_SHARED | MAP_POPULATE, descriptor, off_t(start)), base != MAP_FAILED else {
+            throw SystemCallError(operation: "mmap", code: errno)
+        }
+        defer { munmap(base, length) }
+        return try body(UnsafeRawBufferPointer(start: base + (offset - start), count: count))
     }
 
     /// Reads up to `count` bytes at `offset`, looping over short reads;

@@ -1,10 +1,16 @@
+#if canImport(Glibc)
+@preconcurrency import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// A safetensors file opened for reading row blocks as `Float`.
 ///
 /// Layout (https://github.com/huggingface/safetensors): an 8-byte little-endian
 /// header length N, N bytes of JSON header, then the data section that the
 /// header's `data_offsets` index into. `init` validates the whole header; data
-/// is then read with `pread` on demand through a bounded staging buffer, so
-/// resident memory does not grow with the file (no mmap, no full read).
+/// is then read with `pread` on demand through a bounded staging buffer (or mapped for
+/// the length of one call, `withStoredRows`), so resident memory does not grow with the file.
 ///
 /// Not `Sendable`: the staging buffer is reused across calls, so one instance
 /// serves one thread at a time. Open one per thread to read in parallel.
@@ -102,6 +108,36 @@ public final class SafeTensorsFile {
     public func addRows(_ name: String, rows: Range<Int>, into destination: UnsafeMutableBufferPointer<Float>) throws {
         let (info, elements) = try rowElements(name, rows: rows, capacity: destination.count)
         try transfer(info, elements: elements, to: destination.baseAddress, accumulate: true)
+    }
+
+    /// Calls `body` with rows `rows` of tensor `name` as stored (the tensor's dtype, little
+    /// endian), mapped read-only from the page cache — no copy — and with their absolute
+    /// offset in the file. For senders that pass the stored bytes on unchanged (`sendfile`)
+    /// and only need to look at them (hash, NaN check). The mapping lasts for the call.
+    public func withStoredRows<T>(_ name: String, rows: Range<Int>, _ body: (_ bytes: UnsafeRawBufferPointer, _ fileOffset: Int) throws -> T) throws -> T {
+        let info = try readableTensor(name)
+        guard !info.shape.isEmpty else { throw fail("tensor '\(name)' is a scalar and has no rows; use readAll") }
+        guard rows.lowerBound >= 0, rows.upperBound <= info.rowCount else {
+            throw fail("rows \(rows.lowerBound)..<\(rows.upperBound) are outside tensor '\(name)' with \(info.rowCount) rows")
+        }
+        let size = info.dtype.byteSize
+        let offset = dataSectionOffset + info.dataOffsets.lowerBound + rows.lowerBound * info.columnCount * size
+        let count = rows.count * info.columnCount * size
+        let mapped: (UnsafeRawBufferPointer) throws -> T = { try body($0, offset) }
+        do {
+            return try file.withMappedBytes(count: count, at: offset, mapped)
+        } catch let error as SystemCallError {
+            throw fail("cannot map rows \(rows.lowerBound)..<\(rows.upperBound) of tensor '\(name)': \(error)")
+        }
+    }
+
+    /// A new descriptor for this open file (`dup`), which the caller owns and closes: for
+    /// handing the file to `sendfile`. It reads the same file as this instance even if the
+    /// path has since been replaced.
+    public func duplicateDescriptor() throws -> Int32 {
+        let descriptor = dup(file.descriptor)
+        guard descriptor >= 0 else { throw fail("cannot duplicate its descriptor: \(SystemCallError(operation: "dup", code: errno))") }
+        return descriptor
     }
 
     /// Reads a whole tensor of any rank, for small tensors (biases, norms, tests).

@@ -5,11 +5,12 @@ import NIOCore
 /// Every message is validated first, so a peer never receives a frame this module's
 /// decoder would refuse. A shard's rows and a power matrix are not copied into the frame:
 /// a small buffer with the length, type byte and fields goes first and the bulk buffer
-/// after it, and NIO gathers the two into one `writev`. (A `MessageToByteHandler` copied
-/// every shard into its own buffer: 7 % of a worker's CPU in `dense`, measured with perf.)
+/// after it, and NIO gathers the two into one `writev` — or, for a shard whose rows are a
+/// file's bytes (``Shard/payloadFile``), sends them with `sendfile`. (A `MessageToByteHandler`
+/// copied every shard into its own buffer: 7 % of a worker's CPU in `dense`, measured with perf.)
 public final class FrameWriter: ChannelOutboundHandler, RemovableChannelHandler {
     public typealias OutboundIn = WireMessage
-    public typealias OutboundOut = ByteBuffer
+    public typealias OutboundOut = IOData
 
     /// Largest `length` field this writer produces; match the peer's decoder.
     public let maxFrameLength: Int
@@ -24,10 +25,10 @@ public final class FrameWriter: ChannelOutboundHandler, RemovableChannelHandler 
         var head = context.channel.allocator.buffer(capacity: WireProtocol.lengthFieldBytes + 1 + Shard.headerBytes)
         do {
             if let bulk = try message.encodeFrameHead(into: &head, maxFrameLength: maxFrameLength) {
-                context.write(wrapOutboundOut(head), promise: nil)
+                context.write(wrapOutboundOut(.byteBuffer(head)), promise: nil)
                 context.write(wrapOutboundOut(bulk), promise: promise)
             } else {
-                context.write(wrapOutboundOut(head), promise: promise)
+                context.write(wrapOutboundOut(.byteBuffer(head)), promise: promise)
             }
         } catch {
             promise?.fail(error)

@@ -14,8 +14,9 @@ public protocol WireMessageBody: Sendable, Equatable {
     func encode(into buffer: inout ByteBuffer)
 
     /// Bulk bytes that end the payload (a shard's rows, a power matrix): a writer sends them
-    /// as they are after the fields instead of copying them. Nil for the other messages.
-    var trailingBulk: ByteBuffer? { get }
+    /// as they are after the fields instead of copying them — from a file region with
+    /// `sendfile` when they are a file's bytes. Nil for the other messages.
+    var trailingBulk: IOData? { get }
 
     /// Appends the payload up to `trailingBulk` (all of it when that is nil).
     func encodeFields(into buffer: inout ByteBuffer)
@@ -27,7 +28,7 @@ public protocol WireMessageBody: Sendable, Equatable {
 }
 
 extension WireMessageBody {
-    public var trailingBulk: ByteBuffer? { nil }
+    public var trailingBulk: IOData? { nil }
     public func encodeFields(into buffer: inout ByteBuffer) { encode(into: &buffer) }
 }
 
@@ -105,7 +106,7 @@ public enum WireMessage: Sendable, Equatable {
     public func encodeFrameHead(
         into head: inout ByteBuffer,
         maxFrameLength: Int = WireProtocol.defaultMaxFrameLength
-    ) throws(WireError) -> ByteBuffer? {
+    ) throws(WireError) -> IOData? {
         try validate()
         let bulk = body.trailingBulk
         let start = head.writerIndex
@@ -131,8 +132,10 @@ public enum WireMessage: Sendable, Equatable {
             // One allocation for the whole frame (the fields before the bulk are a few dozen bytes).
             buffer.reserveCapacity(minimumWritableBytes: WireProtocol.lengthFieldBytes + 1 + Shard.headerBytes + bulk.readableBytes)
         }
-        if var bulk = try encodeFrameHead(into: &buffer, maxFrameLength: maxFrameLength) {
-            buffer.writeBuffer(&bulk)
+        switch try encodeFrameHead(into: &buffer, maxFrameLength: maxFrameLength) {
+        case .byteBuffer(var bulk)?: buffer.writeBuffer(&bulk)
+        case .fileRegion?: preconditionFailure("a shard sent from a file region is written by FrameWriter (sendfile); encodeFrame does not read files")
+        case nil: break
         }
     }
 }

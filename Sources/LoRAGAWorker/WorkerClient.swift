@@ -235,12 +235,19 @@ public struct WorkerClient: Sendable {
             let shard = try await next.value
             if position + 1 < ranges.count { next = read(ranges[position + 1]) }
             checksum.addShard(shard.checksum)
-            let payload = shard.compressed ?? shard.uncompressed
-            try await outbound.write(.shard(Shard(
-                layerIndex: begin.layerIndex, rowStart: UInt64(range.lowerBound), rowCount: UInt32(range.count), cols: UInt64(layer.cols),
-                dtype: spec.payloadDType, compression: shard.compressed == nil ? .uncompressed : .zstdShuffled,
-                uncompressedBytes: UInt64(shard.uncompressed.readableBytes), payload: payload, checksum: shard.checksum, attempt: begin.attempt)))
-            sent += payload.readableBytes
+            let message: Shard
+            if let file = shard.file {
+                message = Shard(layerIndex: begin.layerIndex, rowStart: UInt64(range.lowerBound), rowCount: UInt32(range.count), cols: UInt64(layer.cols),
+                                dtype: spec.payloadDType, payloadFile: file, checksum: shard.checksum, attempt: begin.attempt)
+            } else {
+                message = Shard(
+                    layerIndex: begin.layerIndex, rowStart: UInt64(range.lowerBound), rowCount: UInt32(range.count), cols: UInt64(layer.cols),
+                    dtype: spec.payloadDType, compression: shard.compressed == nil ? .uncompressed : .zstdShuffled,
+                    uncompressedBytes: UInt64(shard.uncompressed.readableBytes), payload: shard.compressed ?? shard.uncompressed,
+                    checksum: shard.checksum, attempt: begin.attempt)
+            }
+            try await outbound.write(.shard(message))
+            sent += message.payloadBytes
             if let limit = options.maxBytesPerSecond, limit > 0 {
                 // Pace to the cap: sleep until the bytes sent so far are due.
                 let due = started + .seconds(Double(sent) / limit)
@@ -256,8 +263,23 @@ public struct WorkerClient: Sendable {
 struct EncodedShard: Sendable {
     var uncompressed: ByteBuffer
     var compressed: ByteBuffer?
+    /// The rows as a gradient file stores them, sent from there with `sendfile`; `uncompressed`
+    /// is then empty.
+    var file: FileRegion?
     /// ``ShardChecksum`` of the payload as sent (`compressed` when there is one).
     var checksum: UInt64
+
+    init(uncompressed: ByteBuffer, compressed: ByteBuffer? = nil, checksum: UInt64) {
+        self.uncompressed = uncompressed
+        self.compressed = compressed
+        self.checksum = checksum
+    }
+
+    init(file: FileRegion, checksum: UInt64) {
+        self.uncompressed = ByteBuffer()
+        self.file = file
+        self.checksum = checksum
+    }
 }
 
 /// The worker's gradient files behind a lock: reads run on the worker's compute thread,
@@ -267,9 +289,16 @@ final class GradientReader: @unchecked Sendable {
     private let lock = NIOLock()
     private var sources: [String: SummedRowBlocks] = [:]
     private let codec = ZstdCodec()
+    /// The gradient file as `sendfile` reads it (a duplicate of its descriptor), opened on the
+    /// first shard sent from it and closed with the reader.
+    private var sendHandle: NIOFileHandle?
 
     init(paths: [String]) throws {
         files = try GradientFileSet(paths: paths)
+    }
+
+    deinit {
+        try? sendHandle?.close()
     }
 
     var inputBytes: Int {
@@ -310,6 +339,9 @@ final class GradientReader: @unchecked Sendable {
     /// Rows `range` of the summed layer in the payload dtype, plus a zstd'd shuffled copy when asked.
     func encode(_ layer: GradientLayer, rows range: Range<Int>, as dtype: TensorDType, compress: Bool) throws -> EncodedShard {
         let count = range.count * layer.cols
+        if dtype == .f32, !compress, let shard = try storedF32Shard(layer, rows: range) {
+            return shard
+        }
         if dtype == .f32, !compress, let (buffer, checksum) = try readF32Payload(layer, rows: range, count: count) {
             return EncodedShard(uncompressed: buffer, compressed: nil, checksum: checksum)
         }
@@ -328,6 +360,48 @@ final class GradientReader: @unchecked Sendable {
                 return EncodedShard(uncompressed: buffer, compressed: ByteBuffer(bytes: packed), checksum: ShardChecksum.hash(packed))
             }
         }
+    }
+
+    /// A worker with one gradient file that stores the layer as F32 sends the rows as the file
+    /// holds them: it maps them (no copy), checks them for NaN/Inf and hashes them ~256 KB at a
+    /// time, and the socket gets them by `sendfile` from the page cache. That saves the read
+    /// into a buffer and the copy into the socket: per 0.94 GB over loopback a sender's CPU went
+    /// 0.32–0.36 s → 0.08–0.15 s with `sendfile` alone; one 4096×11008 layer from 4 workers,
+    /// worker CPU 0.2 → 0.1 s and RSS 59 → 38 MB, ingest 1.04–1.26 → 1.15–1.49 GB/s (4
+    /// alternating runs). Nil when the layer needs summing (several files), converting, or its
+    /// rows are not Float-aligned in the file.
+    ///
+    /// If the file changes between the hash and the send, the coordinator's check of the
+    /// checksum refuses the shard, and of its values a NaN: nothing unchecked is summed.
+    private func storedF32Shard(_ layer: GradientLayer, rows range: Range<Int>) throws -> EncodedShard? {
+        #if _endian(little)
+        guard files.files.count == 1, layer.dtype == TensorDType.f32.rawValue else { return nil }
+        let file = files.files[0]
+        let pieceRows = Swift.max(1, Self.hashedPieceBytes / (4 * layer.cols))
+        return try lock.withLock {
+            try file.withStoredRows(layer.name, rows: range) { bytes, fileOffset -> EncodedShard? in
+                guard let base = bytes.baseAddress, Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0 else { return nil }
+                let floats = base.assumingMemoryBound(to: Float.self)
+                var checksum = ShardChecksum()
+                for start in stride(from: range.lowerBound, to: range.upperBound, by: pieceRows) {
+                    let rows = start..<Swift.min(start + pieceRows, range.upperBound)
+                    let values = UnsafeBufferPointer(start: floats + (rows.lowerBound - range.lowerBound) * layer.cols, count: rows.count * layer.cols)
+                    let piece = RowBlock(rowStart: rows.lowerBound, rowCount: rows.count, cols: layer.cols, values: values)
+                    if let index = piece.firstNonFiniteIndex() {
+                        throw GradientError.nonFinite(layer: layer.name, source: file.path, row: rows.lowerBound + index / layer.cols)
+                    }
+                    checksum.update(UnsafeRawBufferPointer(values))
+                }
+                if sendHandle == nil {
+                    sendHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: try file.duplicateDescriptor())
+                }
+                return EncodedShard(file: FileRegion(fileHandle: sendHandle!, readerIndex: fileOffset, endIndex: fileOffset + bytes.count),
+                                    checksum: checksum.value)
+            }
+        }
+        #else
+        return nil
+        #endif
     }
 
     /// F32 payloads are read (and summed) straight into the frame's buffer: one copy fewer

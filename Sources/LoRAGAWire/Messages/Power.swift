@@ -55,7 +55,7 @@ extension PowerMatrixMessage {
         buffer.writeImmutableBuffer(payload)
     }
 
-    public var trailingBulk: ByteBuffer? { payload }
+    public var trailingBulk: IOData? { .byteBuffer(payload) }
 
     public func encodeFields(into buffer: inout ByteBuffer) { frame.encodeFields(into: &buffer) }
 

@@ -28,6 +28,9 @@ public struct Shard: WireMessageBody {
     public var checksum: UInt64
     /// Decoded shards keep a slice of the received frame: no copy.
     public var payload: ByteBuffer
+    /// Sender side only: the payload is these bytes of a file, exactly as stored there, and
+    /// `FrameWriter` hands them to `sendfile` (no copy in the sender); `payload` is then empty.
+    public var payloadFile: FileRegion?
 
     public init(
         layerIndex: UInt32,
@@ -63,6 +66,19 @@ public struct Shard: WireMessageBody {
         )
     }
 
+    /// An uncompressed shard sent straight from a file: `payloadFile` holds its rows as the
+    /// file stores them (in the wire's dtype and byte order), and `checksum` is their hash.
+    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payloadFile: FileRegion,
+                checksum: UInt64, attempt: UInt32 = 0) {
+        self.init(
+            layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype, compression: .uncompressed,
+            uncompressedBytes: UInt64(payloadFile.readableBytes), payload: ByteBuffer(), checksum: checksum, attempt: attempt)
+        self.payloadFile = payloadFile
+    }
+
+    /// Payload bytes on the wire.
+    public var payloadBytes: Int { payloadFile?.readableBytes ?? payload.readableBytes }
+
     /// Whether `payload` hashes to `checksum` (for shards decoded whole; the streaming
     /// decoder checks pieces as they arrive, see ``ShardPiece/checksumMatches``).
     public var payloadMatchesChecksum: Bool {
@@ -76,10 +92,14 @@ public struct Shard: WireMessageBody {
         try validateFields()
         switch compression {
         case .uncompressed:
-            guard payload.readableBytes == Int(uncompressedBytes) else {
-                throw .malformed(Self.messageType, "payload is \(payload.readableBytes) bytes, expected \(uncompressedBytes) for \(rowCount)×\(cols) \(dtype)")
+            guard payloadFile == nil || payload.readableBytes == 0 else {
+                throw .malformed(Self.messageType, "a payload in memory and one in a file")
+            }
+            guard payloadBytes == Int(uncompressedBytes) else {
+                throw .malformed(Self.messageType, "payload is \(payloadBytes) bytes, expected \(uncompressedBytes) for \(rowCount)×\(cols) \(dtype)")
             }
         case .zstdShuffled:
+            guard payloadFile == nil else { throw .malformed(Self.messageType, "a compressed payload in a file") }
             guard payload.readableBytes > 0 else { throw .malformed(Self.messageType, "empty compressed payload") }
         }
     }
@@ -101,11 +121,12 @@ public struct Shard: WireMessageBody {
     }
 
     public func encode(into buffer: inout ByteBuffer) {
+        precondition(payloadFile == nil, "a shard sent from a file region is written by FrameWriter (sendfile); encode(into:) does not read files")
         encodeFields(into: &buffer)
         buffer.writeImmutableBuffer(payload)
     }
 
-    public var trailingBulk: ByteBuffer? { payload }
+    public var trailingBulk: IOData? { payloadFile.map(IOData.fileRegion) ?? .byteBuffer(payload) }
 
     public func encodeFields(into buffer: inout ByteBuffer) {
         buffer.writeLittleEndian(layerIndex)
