@@ -80,18 +80,39 @@ public struct ShardChecksum: Sendable, Hashable {
     }
 
     public mutating func update(_ bytes: UnsafeRawBufferPointer) {
-        guard !bytes.isEmpty, let base = bytes.baseAddress else { return }
+        _ = feed(bytes, checkingFloats: false)
+    }
+
+    /// Feeds `bytes`, a whole number of little-endian Float32 values (and so far a whole
+    /// number of them was fed), and tells whether every one of them is finite. The check rides
+    /// on the hash's own 8-byte loads — an exponent test on both halves of each word, on ALU
+    /// ports the hash's multiplies leave idle — so a sender that must both check and hash rows
+    /// it has not read yet touches them once instead of twice.
+    public mutating func updateCheckingFinite(float32 bytes: UnsafeRawBufferPointer) -> Bool {
+        precondition(bytes.count % 4 == 0 && byteCount % 4 == 0, "updateCheckingFinite(float32:) needs whole Float32 values (\(bytes.count) bytes after \(byteCount))")
+        return feed(bytes, checkingFloats: true)
+    }
+
+    /// The hash's update; with `checkingFloats`, also whether no Float32 in `bytes` is NaN or
+    /// infinite (meaningful only at 4-byte alignment relative to the values, see above).
+    @inline(__always)
+    private mutating func feed(_ bytes: UnsafeRawBufferPointer, checkingFloats: Bool) -> Bool {
+        guard !bytes.isEmpty, let base = bytes.baseAddress else { return true }
         byteCount &+= UInt64(bytes.count)
         var offset = 0
+        var flags: UInt64 = 0
 
         if pendingCount > 0 {
             let take = min(Self.stripeBytes - pendingCount, bytes.count)
+            if checkingFloats {
+                for at in stride(from: 0, to: take, by: 4) { flags |= Self.nonFiniteFlags(UInt64(Self.load32(base, at))) }
+            }
             withUnsafeMutableBytes(of: &pending) { stash in
                 stash.baseAddress!.advanced(by: pendingCount).copyMemory(from: base, byteCount: take)
             }
             pendingCount += take
             offset = take
-            guard pendingCount == Self.stripeBytes else { return }
+            guard pendingCount == Self.stripeBytes else { return flags == 0 }
             let stash = pending
             withUnsafeBytes(of: stash) { consumeStripe($0.baseAddress!) }
             pendingCount = 0
@@ -101,21 +122,29 @@ public struct ShardChecksum: Sendable, Hashable {
         var (v1, v2, v3, v4) = lanes
         while bytes.count - offset >= Self.stripeBytes {
             let p = base.advanced(by: offset)
-            v1 = Self.round(v1, Self.load64(p, 0))
-            v2 = Self.round(v2, Self.load64(p, 8))
-            v3 = Self.round(v3, Self.load64(p, 16))
-            v4 = Self.round(v4, Self.load64(p, 24))
+            let (w1, w2, w3, w4) = (Self.load64(p, 0), Self.load64(p, 8), Self.load64(p, 16), Self.load64(p, 24))
+            v1 = Self.round(v1, w1)
+            v2 = Self.round(v2, w2)
+            v3 = Self.round(v3, w3)
+            v4 = Self.round(v4, w4)
+            if checkingFloats {
+                flags |= Self.nonFiniteFlags(w1) | Self.nonFiniteFlags(w2) | Self.nonFiniteFlags(w3) | Self.nonFiniteFlags(w4)
+            }
             offset += Self.stripeBytes
         }
         lanes = (v1, v2, v3, v4)
 
         let rest = bytes.count - offset
         if rest > 0 {
+            if checkingFloats {
+                for at in stride(from: offset, to: bytes.count, by: 4) { flags |= Self.nonFiniteFlags(UInt64(Self.load32(base, at))) }
+            }
             withUnsafeMutableBytes(of: &pending) { stash in
                 stash.baseAddress!.copyMemory(from: base.advanced(by: offset), byteCount: rest)
             }
             pendingCount = rest
         }
+        return flags == 0
     }
 
     /// The hash of everything fed so far; feeding may continue afterwards.
@@ -174,6 +203,22 @@ public struct ShardChecksum: Sendable, Hashable {
     @inline(__always)
     private static func load64(_ p: UnsafeRawPointer, _ offset: Int) -> UInt64 {
         UInt64(littleEndian: p.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+    }
+
+    @inline(__always)
+    private static func load32(_ p: UnsafeRawPointer, _ offset: Int) -> UInt32 {
+        UInt32(littleEndian: p.loadUnaligned(fromByteOffset: offset, as: UInt32.self))
+    }
+
+    /// Nonzero when either Float32 half of `word` has an all-ones exponent (NaN or ±Inf):
+    /// such a half is zero after masking the exponent and flipping it, and a zero half shows
+    /// up as its top bit in (t − 1) & ~t (a borrow out of a zero low half can only flag the
+    /// high half when the low one is flagged already).
+    @inline(__always)
+    private static func nonFiniteFlags(_ word: UInt64) -> UInt64 {
+        let exponents: UInt64 = 0x7F80_0000_7F80_0000
+        let t = (word & exponents) ^ exponents
+        return (t &- 0x0000_0001_0000_0001) & ~t & 0x8000_0000_8000_0000
     }
 
     @inline(__always)

@@ -76,4 +76,45 @@ struct ShardChecksumTests {
         #expect(sender.value != ShardChecksum.layer(shardChecksums: [b, a]))
         #expect(sender.value != ShardChecksum.layer(shardChecksums: [a]))
     }
+
+    @Test("hashing Float32 values also tells whether all are finite: any value at any position, any chunking")
+    func finitenessRidesAlong() {
+        var rng = SplitMix64(seed: 11)
+        let specials: [Float] = [.nan, -.nan, .signalingNaN, .infinity, -.infinity, Float(bitPattern: 0x7FFF_FFFF), Float(bitPattern: 0xFF80_0001)]
+        let finite: [Float] = [0, -0, .greatestFiniteMagnitude, -.greatestFiniteMagnitude, .leastNonzeroMagnitude,
+                               Float(bitPattern: 0x7F7F_FFFF), Float(bitPattern: 0x807F_FFFF), 1, -3.5e-20]
+        func feed(_ values: [Float], chunked: Bool) -> (hash: UInt64, finite: Bool) {
+            let bytes = values.withUnsafeBytes { Array($0) }
+            var checksum = ShardChecksum()
+            var allFinite = true
+            var offset = 0
+            while offset < bytes.count {
+                let chunk = chunked ? 4 * Int.random(in: 0...19, using: &rng) : bytes.count
+                let end = min(bytes.count, offset + chunk)
+                allFinite = bytes[offset..<end].withUnsafeBytes { checksum.updateCheckingFinite(float32: $0) } && allFinite
+                offset = end
+            }
+            return (checksum.value, allFinite)
+        }
+        for count in [1, 2, 7, 8, 9, 31, 64, 77] {
+            var values = (0..<count).map { _ in Float.random(in: -1e6...1e6, using: &rng) }
+            for (index, special) in finite.enumerated() { values[index % count] = special }
+            let plain = ShardChecksum.hash(values.withUnsafeBytes { Array($0) })
+            for chunked in [false, true] {
+                let result = feed(values, chunked: chunked)
+                #expect(result.hash == plain && result.finite, "\(count) finite values, chunked \(chunked)")
+            }
+            for position in 0..<count {
+                for special in specials {
+                    var bad = values
+                    bad[position] = special
+                    let expected = ShardChecksum.hash(bad.withUnsafeBytes { Array($0) })
+                    for chunked in [false, true] {
+                        let result = feed(bad, chunked: chunked)
+                        #expect(result.hash == expected && !result.finite, "\(special.bitPattern) at \(position) of \(count), chunked \(chunked)")
+                    }
+                }
+            }
+        }
+    }
 }
