@@ -64,7 +64,12 @@ final class PosixFile {
         let page = Int(sysconf(Int32(_SC_PAGESIZE)))
         let start = offset / page * page
         let length = offset + count - start
-        guard let base = mmap(nil, length, PROT_READ, MAP_SHARED | MAP_POPULATE, descriptor, off_t(start)), base != MAP_FAILED else {
+        #if os(Linux)
+        let flags = MAP_SHARED | MAP_POPULATE
+        #else
+        let flags = MAP_SHARED
+        #endif
+        guard let base = mmap(nil, length, PROT_READ, flags, descriptor, off_t(start)), base != MAP_FAILED else {
             throw SystemCallError(operation: "mmap", code: errno)
         }
         defer { munmap(base, length) }

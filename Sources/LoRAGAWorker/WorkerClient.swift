@@ -292,6 +292,9 @@ final class GradientReader: @unchecked Sendable {
     /// The gradient file as `sendfile` reads it (a duplicate of its descriptor), opened on the
     /// first shard sent from it and closed with the reader.
     private var sendHandle: NIOFileHandle?
+    /// Cleared when the file turns out not to support `sendfile` or `mmap` (probed before the
+    /// first shard; some file systems support neither): shards are then read into buffers.
+    private var sendsFromFile = true
 
     init(paths: [String]) throws {
         files = try GradientFileSet(paths: paths)
@@ -377,31 +380,74 @@ final class GradientReader: @unchecked Sendable {
         #if _endian(little)
         guard files.files.count == 1, layer.dtype == TensorDType.f32.rawValue else { return nil }
         let file = files.files[0]
-        let pieceRows = Swift.max(1, Self.hashedPieceBytes / (4 * layer.cols))
-        return try lock.withLock {
-            try file.withStoredRows(layer.name, rows: range) { bytes, fileOffset -> EncodedShard? in
-                guard let base = bytes.baseAddress, Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0 else { return nil }
-                let floats = base.assumingMemoryBound(to: Float.self)
-                var checksum = ShardChecksum()
-                for start in stride(from: range.lowerBound, to: range.upperBound, by: pieceRows) {
-                    let rows = start..<Swift.min(start + pieceRows, range.upperBound)
-                    let values = UnsafeBufferPointer(start: floats + (rows.lowerBound - range.lowerBound) * layer.cols, count: rows.count * layer.cols)
-                    // One pass over rows fresh from the page cache: hashed and checked together.
-                    guard checksum.updateCheckingFinite(float32: UnsafeRawBufferPointer(values)) else {
-                        let index = RowBlock(rowStart: rows.lowerBound, rowCount: rows.count, cols: layer.cols, values: values).firstNonFiniteIndex()
-                        precondition(index != nil, "the hash's finiteness check flagged rows \(rows) of '\(layer.name)', the scan finds nothing")
-                        throw GradientError.nonFinite(layer: layer.name, source: file.path, row: rows.lowerBound + index! / layer.cols)
-                    }
+        return try lock.withLock { () throws -> EncodedShard? in
+            guard sendsFromFile, let handle = try sendHandle(for: file) else { return nil }
+            do {
+                return try file.withStoredRows(layer.name, rows: range) { bytes, fileOffset in
+                    guard let checksum = try Self.checkedChecksum(of: bytes, layer: layer, rows: range, path: file.path) else { return nil }
+                    return EncodedShard(file: FileRegion(fileHandle: handle, readerIndex: fileOffset, endIndex: fileOffset + bytes.count), checksum: checksum)
                 }
-                if sendHandle == nil {
-                    sendHandle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: try file.duplicateDescriptor())
-                }
-                return EncodedShard(file: FileRegion(fileHandle: sendHandle!, readerIndex: fileOffset, endIndex: fileOffset + bytes.count),
-                                    checksum: checksum.value)
+            } catch is SafeTensorsError {
+                // The file cannot be mapped (or the rows are not where the header says, which
+                // the read into a buffer reports properly): read shards into buffers from now on.
+                sendsFromFile = false
+                return nil
             }
         }
         #else
         return nil
+        #endif
+    }
+
+    /// The handle `sendfile` reads `file` through, made on first use; nil (and no more tries)
+    /// when the kernel cannot `sendfile` from it. Called under `lock`.
+    private func sendHandle(for file: SafeTensorsFile) throws -> NIOFileHandle? {
+        if let sendHandle { return sendHandle }
+        let descriptor = try file.duplicateDescriptor()
+        guard Self.canSendfile(from: descriptor) else {
+            close(descriptor)
+            sendsFromFile = false
+            return nil
+        }
+        let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: descriptor)
+        sendHandle = handle
+        return handle
+    }
+
+    /// The ``ShardChecksum`` of mapped F32 rows `rows`, hashed and checked for NaN/Inf in one
+    /// pass, ~256 KB at a time; nil if they are not Float-aligned. A NaN/Inf is an error naming
+    /// the file, layer and row.
+    private static func checkedChecksum(of bytes: UnsafeRawBufferPointer, layer: GradientLayer, rows range: Range<Int>, path: String) throws -> UInt64? {
+        guard let base = bytes.baseAddress, Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0 else { return nil }
+        let floats = base.assumingMemoryBound(to: Float.self)
+        let pieceRows = Swift.max(1, hashedPieceBytes / (4 * layer.cols))
+        var checksum = ShardChecksum()
+        for start in stride(from: range.lowerBound, to: range.upperBound, by: pieceRows) {
+            let rows = start..<Swift.min(start + pieceRows, range.upperBound)
+            let values = UnsafeBufferPointer(start: floats + (rows.lowerBound - range.lowerBound) * layer.cols, count: rows.count * layer.cols)
+            guard checksum.updateCheckingFinite(float32: UnsafeRawBufferPointer(values)) else {
+                let index = RowBlock(rowStart: rows.lowerBound, rowCount: rows.count, cols: layer.cols, values: values).firstNonFiniteIndex()
+                precondition(index != nil, "the hash's finiteness check flagged rows \(rows) of '\(layer.name)', the scan finds nothing")
+                throw GradientError.nonFinite(layer: layer.name, source: path, row: rows.lowerBound + index! / layer.cols)
+            }
+        }
+        return checksum.value
+    }
+
+    /// Whether the kernel can `sendfile` from `descriptor`: one byte into a pipe. Linux only
+    /// (elsewhere `sendfile` has other semantics, and shards are read into buffers).
+    static func canSendfile(from descriptor: Int32) -> Bool {
+        #if os(Linux)
+        var ends: [Int32] = [0, 0]
+        guard pipe(&ends) == 0 else { return false }
+        defer {
+            close(ends[0])
+            close(ends[1])
+        }
+        var offset: off_t = 0
+        return sendfile(ends[1], descriptor, &offset, 1) == 1
+        #else
+        return false
         #endif
     }
 

@@ -125,4 +125,21 @@ import LoRAGAWire
         shard.compression = .zstdShuffled
         #expect(throws: WireError.self) { try shard.validate() }
     }
+
+    @Test("the sendfile probe: yes for a regular file, no for a descriptor sendfile cannot read")
+    func sendfileProbe() throws {
+        let dir = try Fixtures.scratch()
+        let path = try Self.write(Self.values(), in: dir)
+        let file = try SafeTensorsFile(path: path)
+        let descriptor = try file.duplicateDescriptor()
+        defer { close(descriptor) }
+        #expect(GradientReader.canSendfile(from: descriptor))
+        var ends: [Int32] = [0, 0]
+        try #require(pipe(&ends) == 0)
+        defer {
+            close(ends[0])
+            close(ends[1])
+        }
+        #expect(!GradientReader.canSendfile(from: ends[0]))
+    }
 }
