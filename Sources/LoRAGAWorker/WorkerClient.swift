@@ -381,7 +381,7 @@ final class GradientReader: @unchecked Sendable {
         guard files.files.count == 1, layer.dtype == TensorDType.f32.rawValue else { return nil }
         let file = files.files[0]
         return try lock.withLock { () throws -> EncodedShard? in
-            guard sendsFromFile, let handle = try sendHandle(for: file) else { return nil }
+            guard sendsFromFile, let handle = sendHandle(for: file) else { return nil }
             do {
                 return try file.withStoredRows(layer.name, rows: range) { bytes, fileOffset in
                     guard let checksum = try Self.checkedChecksum(of: bytes, layer: layer, rows: range, path: file.path) else { return nil }
@@ -400,10 +400,13 @@ final class GradientReader: @unchecked Sendable {
     }
 
     /// The handle `sendfile` reads `file` through, made on first use; nil (and no more tries)
-    /// when the kernel cannot `sendfile` from it. Called under `lock`.
-    private func sendHandle(for file: SafeTensorsFile) throws -> NIOFileHandle? {
+    /// when the kernel cannot `sendfile` from it, or no descriptor is left for it. Called under `lock`.
+    private func sendHandle(for file: SafeTensorsFile) -> NIOFileHandle? {
         if let sendHandle { return sendHandle }
-        let descriptor = try file.duplicateDescriptor()
+        guard let descriptor = try? file.duplicateDescriptor() else {
+            sendsFromFile = false
+            return nil
+        }
         guard Self.canSendfile(from: descriptor) else {
             close(descriptor)
             sendsFromFile = false
