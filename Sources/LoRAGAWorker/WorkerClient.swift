@@ -71,6 +71,7 @@ public struct WorkerClient: Sendable {
     public func run() async throws -> WorkerSummary {
         BLAS.configureThreads()
         let gradients = try GradientReader(paths: options.gradientPaths)
+        gradients.logger = logger
         logger.info("worker '\(options.id)': \(gradients.files.files.count) gradient files, \(gradients.files.layers.count) layers")
         let pool = NIOThreadPool(numberOfThreads: 1)
         pool.start()
@@ -295,6 +296,8 @@ final class GradientReader: @unchecked Sendable {
     /// Cleared when the file turns out not to support `sendfile` or `mmap` (probed before the
     /// first shard; some file systems support neither): shards are then read into buffers.
     private var sendsFromFile = true
+    /// Told once when shards fall back to buffers.
+    var logger: Logger?
 
     init(paths: [String]) throws {
         files = try GradientFileSet(paths: paths)
@@ -387,10 +390,10 @@ final class GradientReader: @unchecked Sendable {
                     guard let checksum = try Self.checkedChecksum(of: bytes, layer: layer, rows: range, path: file.path) else { return nil }
                     return EncodedShard(file: FileRegion(fileHandle: handle, readerIndex: fileOffset, endIndex: fileOffset + bytes.count), checksum: checksum)
                 }
-            } catch is SafeTensorsError {
+            } catch let error as SafeTensorsError {
                 // The file cannot be mapped (or the rows are not where the header says, which
                 // the read into a buffer reports properly): read shards into buffers from now on.
-                sendsFromFile = false
+                stopSendingFromFile(file, because: "\(error)")
                 return nil
             }
         }
@@ -403,18 +406,26 @@ final class GradientReader: @unchecked Sendable {
     /// when the kernel cannot `sendfile` from it, or no descriptor is left for it. Called under `lock`.
     private func sendHandle(for file: SafeTensorsFile) -> NIOFileHandle? {
         if let sendHandle { return sendHandle }
-        guard let descriptor = try? file.duplicateDescriptor() else {
-            sendsFromFile = false
+        let descriptor: Int32
+        do {
+            descriptor = try file.duplicateDescriptor()
+        } catch {
+            stopSendingFromFile(file, because: "\(error)")
             return nil
         }
         guard Self.canSendfile(from: descriptor) else {
             close(descriptor)
-            sendsFromFile = false
+            stopSendingFromFile(file, because: "the kernel cannot sendfile from it")
             return nil
         }
         let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: descriptor)
         sendHandle = handle
         return handle
+    }
+
+    private func stopSendingFromFile(_ file: SafeTensorsFile, because reason: String) {
+        sendsFromFile = false
+        logger?.info("\(file.path): shards are read into buffers, not sent from the file (\(reason))")
     }
 
     /// The ``ShardChecksum`` of mapped F32 rows `rows`, hashed and checked for NaN/Inf in one
