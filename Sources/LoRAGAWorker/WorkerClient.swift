@@ -374,8 +374,9 @@ final class GradientReader: @unchecked Sendable {
     /// into a buffer and the copy into the socket: per 0.94 GB over loopback a sender's CPU went
     /// 0.32–0.36 s → 0.08–0.15 s with `sendfile` alone; one 4096×11008 layer from 4 workers,
     /// worker CPU 0.2 → 0.1 s and RSS 59 → 38 MB, ingest 1.04–1.26 → 1.15–1.49 GB/s (4
-    /// alternating runs). Nil when the layer needs summing (several files), converting, or its
-    /// rows are not Float-aligned in the file.
+    /// alternating runs). Nil when the layer needs summing (several files) or converting, when
+    /// its rows are not Float-aligned in the file, or when the file cannot be sent or mapped
+    /// (see `sendHandle(for:)`).
     ///
     /// If the file changes between the hash and the send, the coordinator's check of the
     /// checksum refuses the shard, and of its values a NaN: nothing unchecked is summed.
