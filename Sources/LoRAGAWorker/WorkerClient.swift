@@ -345,11 +345,11 @@ final class GradientReader: @unchecked Sendable {
     /// Rows `range` of the summed layer in the payload dtype, plus a zstd'd shuffled copy when asked.
     func encode(_ layer: GradientLayer, rows range: Range<Int>, as dtype: TensorDType, compress: Bool) throws -> EncodedShard {
         let count = range.count * layer.cols
-        if dtype == .f32, !compress, let shard = try storedF32Shard(layer, rows: range) {
-            return shard
-        }
-        if dtype == .f32, !compress, let (buffer, checksum) = try readF32Payload(layer, rows: range, count: count) {
-            return EncodedShard(uncompressed: buffer, compressed: nil, checksum: checksum)
+        if dtype == .f32, !compress {
+            if let shard = try storedF32Shard(layer, rows: range) { return shard }
+            if let (buffer, checksum) = try readF32Payload(layer, rows: range, count: count) {
+                return EncodedShard(uncompressed: buffer, checksum: checksum)
+            }
         }
         return try withSource(layer, blockRows: range.count) { source in
             try source.withSummedRows(range) { block in

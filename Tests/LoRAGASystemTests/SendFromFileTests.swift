@@ -35,13 +35,18 @@ import LoRAGAWire
         return [UInt8](try handle.read(upToCount: region.readableBytes) ?? Data())
     }
 
+    /// A worker's reader over `paths`, and the layer the tests send.
+    static func open(_ paths: [String]) throws -> (reader: GradientReader, layer: GradientLayer) {
+        let reader = try GradientReader(paths: paths)
+        return (reader, try #require(reader.files.layers.first { $0.name == "x.weight" }))
+    }
+
     @Test("one F32 file: the shard is the file's bytes of exactly those rows, hashed")
     func oneF32FileIsSentFromTheFile() throws {
         let dir = try Fixtures.scratch()
         let values = Self.values()
         let path = try Self.write(values, in: dir)
-        let reader = try GradientReader(paths: [path])
-        let layer = try #require(reader.files.layers.first { $0.name == "x.weight" })
+        let (reader, layer) = try Self.open([path])
         let shard = try reader.encode(layer, rows: 7..<19, as: .f32, compress: false)
         let region = try #require(shard.file)
         #expect(shard.uncompressed.readableBytes == 0)
@@ -58,8 +63,7 @@ import LoRAGAWire
         let second = try Self.write(Self.values(offset: 1), in: dir, name: "b")
         let bf16 = try Self.write(Self.values(), dtype: .bf16, in: try Fixtures.scratch("bf16"))
         for (paths, compress) in [([first, second], false), ([bf16], false), ([first], true)] {
-            let reader = try GradientReader(paths: paths)
-            let layer = try #require(reader.files.layers.first { $0.name == "x.weight" })
+            let (reader, layer) = try Self.open(paths)
             let shard = try reader.encode(layer, rows: 0..<10, as: .f32, compress: compress)
             #expect(shard.file == nil, "\(paths) compress \(compress)")
             #expect(shard.uncompressed.readableBytes == 10 * Self.shape.cols * 4)
@@ -72,8 +76,7 @@ import LoRAGAWire
         var values = Self.values()
         values[23 * Self.shape.cols + 11] = .nan
         let path = try Self.write(values, in: dir)
-        let reader = try GradientReader(paths: [path])
-        let layer = try #require(reader.files.layers.first { $0.name == "x.weight" })
+        let (reader, layer) = try Self.open([path])
         #expect(throws: GradientError.nonFinite(layer: "x.weight", source: path, row: 23)) {
             try reader.encode(layer, rows: 20..<30, as: .f32, compress: false)
         }
@@ -85,8 +88,7 @@ import LoRAGAWire
         let dir = try Fixtures.scratch()
         let values = Self.values()
         let path = try Self.write(values, in: dir)
-        let reader = try GradientReader(paths: [path])
-        let layer = try #require(reader.files.layers.first { $0.name == "x.weight" })
+        let (reader, layer) = try Self.open([path])
         let encoded = try reader.encode(layer, rows: 0..<Self.shape.rows, as: .f32, compress: false)
         let region = try #require(encoded.file)
         let fromFile = Shard(layerIndex: 2, rowStart: 0, rowCount: UInt32(Self.shape.rows), cols: UInt64(Self.shape.cols), dtype: .f32,
@@ -114,8 +116,7 @@ import LoRAGAWire
     func validation() throws {
         let dir = try Fixtures.scratch()
         let path = try Self.write(Self.values(), in: dir)
-        let reader = try GradientReader(paths: [path])
-        let layer = try #require(reader.files.layers.first { $0.name == "x.weight" })
+        let (reader, layer) = try Self.open([path])
         let region = try #require(try reader.encode(layer, rows: 0..<2, as: .f32, compress: false).file)
         var shard = Shard(layerIndex: 0, rowStart: 0, rowCount: 2, cols: UInt64(Self.shape.cols), dtype: .f32, payloadFile: region, checksum: 1)
         #expect(throws: Never.self) { try shard.validate() }
