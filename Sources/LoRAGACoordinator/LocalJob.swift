@@ -48,7 +48,7 @@ public struct LocalJob {
         let clock = ContinuousClock.now
         var blocks = switch settings.mode {
         case .power: files.rowBlocks(of: layer, productWidth: settings.randomizedSVD.sketchWidth(rows: layer.rows, cols: layer.cols))
-        case .sketch: files.rowBlocks(of: layer, productWidth: SingleViewSketch.blockProductWidth(width: settings.sketchWidth), minimumRows: 128)
+        case .sketch: files.rowBlocks(of: layer, productWidth: SingleViewSketch.blockProductWidth(width: settings.sketchWidth), minimumRows: SingleViewSketch.minimumBlockRows)
         case .dense: files.rowBlocks(of: layer)
         }
         let factors: LoRAFactors

@@ -214,7 +214,7 @@ public struct WorkerClient: Sendable {
         let rowBytes = Swift.max(1, cols * payloadBytes)
         let byBytes = Swift.max(1, Swift.min(rows, shardBytes / rowBytes))
         guard spec.mode == .sketch else { return byBytes }
-        let blockRows = RowBlock.rowsPerProductBlock(cols: cols, productWidth: SingleViewSketch.blockProductWidth(width: Int(spec.sketchWidth)), minimumRows: 128)
+        let blockRows = RowBlock.rowsPerProductBlock(cols: cols, productWidth: SingleViewSketch.blockProductWidth(width: Int(spec.sketchWidth)), minimumRows: SingleViewSketch.minimumBlockRows)
         return Swift.max(byBytes, Swift.min(rows, blockRows, sketchShardBytes / rowBytes))
     }
 

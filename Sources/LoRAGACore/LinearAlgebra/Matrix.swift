@@ -166,12 +166,15 @@ extension RowBlock {
     ///
     /// (two workers on 8192×28672 r=32: 5.73 s at 128 rows, 5.16 s at 256). Where blocks are
     /// read from files, two are live at once (one in use, one being read): 2·4·cols bytes a row.
-    /// Sketch mode asks for `minimumRows` 128: its co-range product Ψ_b G_b has the block's
-    /// rows as inner dimension (4096×11008 r=8: 1.07 s at 64 rows, 0.99 s at 128); its k is
-    /// that of Ω and Ξᵀ together, both packed for every block (`SingleViewSketch.blockProductWidth`:
-    /// 4096×11008 r=8 then takes 256 rows; on the Xeon, 8 alternating runs each, time in its
-    /// GEMMs 0.51–0.84 s, median 0.69, against 0.65–0.84 s, median 0.76, at 128 rows; 4096² r=8
-    /// stays at 128, where 256 rows gave nothing).
+    /// Sketch mode asks for `SingleViewSketch.minimumBlockRows` (256): its co-range product
+    /// Υ_b G_b has the block's rows as inner dimension (4096×11008 r=8: 1.07 s at 64 rows,
+    /// 0.99 s at 128); its k is that of Ω and Ξᵀ together, both packed for every block
+    /// (`SingleViewSketch.blockProductWidth`). On the 2-core Xeon, the fold's three products
+    /// on 4096² at k = 160 (r = 8) in C against OpenBLAS, three runs: 70.7–78.2 GFLOP/s at 64
+    /// rows, 73.4–83.6 at 128, 77.8–88.8 at 256, 79.9–90.8 at 512; `lora-ga init --mode sketch`
+    /// on 4096² r=8, 10 alternating runs each: 0.263 s in its GEMMs at 256 rows, 0.291 s at 128.
+    /// 4096×11008 r=8 took 256 rows already (8 alternating runs: GEMM time median 0.69 s
+    /// against 0.76 s at 128).
     public static func rowsPerProductBlock(cols: Int, productWidth k: Int, minimumRows: Int = 64) -> Int {
         let operandBytes = 4 * cols * Swift.max(1, k)
         let rows = operandBytes <= 8 << 20 ? minimumRows : Swift.max(minimumRows, 256)

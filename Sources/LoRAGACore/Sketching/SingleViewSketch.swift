@@ -57,6 +57,11 @@ public struct SingleViewSketch: Sendable {
     /// (`RowBlock.rowsPerProductBlock`).
     public static func blockProductWidth(width k: Int) -> Int { k + 2 * k + 1 }
 
+    /// Fewest rows of G per folded block (`RowBlock.rowsPerProductBlock`'s `minimumRows`):
+    /// the co-range product Υ_b G_b has the block's rows as its inner dimension, so short
+    /// blocks starve it (see there for the measurements).
+    public static let minimumBlockRows = 256
+
     /// Floats held by this sketch (state plus test matrices), for memory accounting.
     public var floatCount: Int {
         omega.storage.count + xiT.storage.count + y.storage.count + x.storage.count + z.storage.count
