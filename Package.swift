@@ -30,7 +30,8 @@ let package = Package(
             providers: [.apt(["libzstd-dev"])]
         ),
         .systemLibrary(name: "CMalloc"),
-        .target(name: "LoRAGACore", dependencies: ["COpenBLAS", "CMalloc"]),
+        .systemLibrary(name: "CPrefetch"),
+        .target(name: "LoRAGACore", dependencies: ["COpenBLAS", "CMalloc", "CPrefetch"]),
         .target(name: "LoRAGAFormats", dependencies: ["LoRAGACore", "CZstd"]),
         .target(
             name: "LoRAGAWire",

@@ -16,6 +16,7 @@ public enum FloatKernels {
         var found = SIMDMask<SIMD16<Int32>>(repeating: false)
         var index = 0
         while index + lanes <= count {
+            Prefetch.read(source + 4 * index + Prefetch.distance)   // a whole sum is scanned from memory
             let bits = source.loadUnaligned(fromByteOffset: 4 * index, as: SIMD16<UInt32>.self)
             found .|= (bits & exponent) .== exponent
             index += lanes
@@ -39,6 +40,7 @@ public enum FloatKernels {
         // Two loops rather than a branch per vector: the add loop also reads the target.
         if store {
             while index + lanes <= count {
+                Prefetch.write(output + 4 * index + Prefetch.distance)   // a large sum comes from memory
                 let values = source.loadUnaligned(fromByteOffset: 4 * index, as: SIMD16<Float>.self)
                 found .|= (unsafeBitCast(values, to: SIMD16<UInt32>.self) & exponent) .== exponent
                 output.storeBytes(of: values, toByteOffset: 4 * index, as: SIMD16<Float>.self)
@@ -46,6 +48,7 @@ public enum FloatKernels {
             }
         } else {
             while index + lanes <= count {
+                Prefetch.write(output + 4 * index + Prefetch.distance)
                 let values = source.loadUnaligned(fromByteOffset: 4 * index, as: SIMD16<Float>.self)
                 found .|= (unsafeBitCast(values, to: SIMD16<UInt32>.self) & exponent) .== exponent
                 let sum = output.loadUnaligned(fromByteOffset: 4 * index, as: SIMD16<Float>.self) + values

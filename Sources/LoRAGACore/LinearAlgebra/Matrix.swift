@@ -126,6 +126,7 @@ public struct RowBlock {
             var vector = SIMD16<Float>()
             var index = start
             while index + lanes <= end {
+                Prefetch.read(raw + index * 4 + Prefetch.distance)
                 let v = raw.loadUnaligned(fromByteOffset: index * 4, as: SIMD16<Float>.self)
                 vector += v * v
                 index += lanes
