@@ -93,7 +93,7 @@ let package = Package(
         .testTarget(
             name: "LoRAGAWireTests",
             dependencies: [
-                "LoRAGAWire",
+                "LoRAGAWire", "LoRAGACore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),
