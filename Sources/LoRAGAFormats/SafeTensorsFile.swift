@@ -131,6 +131,11 @@ public final class SafeTensorsFile {
         }
     }
 
+    /// Where tensor `name`'s first byte sits in the file (its rows follow contiguously).
+    public func storedOffset(of name: String) throws -> Int {
+        dataSectionOffset + (try readableTensor(name)).dataOffsets.lowerBound
+    }
+
     /// A new descriptor for this open file (`dup`), which the caller owns and closes: for
     /// handing the file to `sendfile`. It reads the same file as this instance even if the
     /// path has since been replaced.

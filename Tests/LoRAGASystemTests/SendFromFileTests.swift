@@ -54,6 +54,25 @@ import LoRAGAWire
         let expected = values[(7 * Self.shape.cols)..<(19 * Self.shape.cols)].withUnsafeBytes { [UInt8]($0) }
         #expect(sent == expected)
         #expect(shard.checksum == ShardChecksum.hash(expected))
+        #expect(reader.sendsRowsFromFile(of: layer, as: .f32, compress: false))
+    }
+
+    @Test("a shard larger than one mapping is hashed a mapping at a time and sent as one region")
+    func largeShardsAreHashedInPieces() throws {
+        // 1 MB rows: a 4 MB mapping holds 4 of them, so rows 1..<10 take three mappings.
+        let (rows, cols) = (11, 1 << 18)
+        let values = (0..<(rows * cols)).map { Float($0 % 1009) - 504 }
+        let path = "\(try Fixtures.scratch())/big.safetensors"
+        try SafeTensorsWriter.write(path: path, tensors: [
+            (.init(name: "a.bias", dtype: .f32, shape: [3]), [1, 2, 3]),
+            (.init(name: "x.weight", dtype: .f32, shape: [rows, cols]), values),
+        ])
+        let (reader, layer) = try Self.open([path])
+        let shard = try reader.encode(layer, rows: 1..<10, as: .f32, compress: false)
+        let region = try #require(shard.file)
+        let expected = values[cols..<(10 * cols)].withUnsafeBytes { [UInt8]($0) }
+        #expect(try Self.bytes(of: region, in: path) == expected)
+        #expect(shard.checksum == ShardChecksum.hash(expected))
     }
 
     @Test("two files to sum, a BF16 file, or compression: read into a buffer")
@@ -67,7 +86,26 @@ import LoRAGAWire
             let shard = try reader.encode(layer, rows: 0..<10, as: .f32, compress: compress)
             #expect(shard.file == nil, "\(paths) compress \(compress)")
             #expect(shard.uncompressed.readableBytes == 10 * Self.shape.cols * 4)
+            #expect(!reader.sendsRowsFromFile(of: layer, as: .f32, compress: compress), "\(paths) compress \(compress)")
         }
+        let (reader, layer) = try Self.open([first])
+        #expect(!reader.sendsRowsFromFile(of: layer, as: .bf16, compress: false))
+    }
+
+    @Test("rows at an offset that is not Float-aligned: read into a buffer")
+    func misalignedRowsAreReadIntoABuffer() throws {
+        let path = "\(try Fixtures.scratch())/odd.safetensors"
+        try SafeTensorsWriter.write(path: path, tensors: [
+            (.init(name: "a.bias", dtype: .bf16, shape: [1]), [1]),   // 2 bytes: the next tensor starts off by 2
+            (.init(name: "x.weight", dtype: .f32, shape: [Self.shape.rows, Self.shape.cols]), Self.values()),
+        ])
+        let (reader, layer) = try Self.open([path])
+        try #require(try SafeTensorsFile(path: path).storedOffset(of: "x.weight") % 4 != 0)
+        #expect(!reader.sendsRowsFromFile(of: layer, as: .f32, compress: false))
+        let shard = try reader.encode(layer, rows: 3..<9, as: .f32, compress: false)
+        #expect(shard.file == nil)
+        #expect(shard.uncompressed.readableBytes == 6 * Self.shape.cols * 4)
+        #expect(shard.checksum == Self.values()[(3 * Self.shape.cols)..<(9 * Self.shape.cols)].withUnsafeBytes { ShardChecksum.hash($0) })
     }
 
     @Test("a NaN in the mapped rows is an error naming the file, layer and row")
