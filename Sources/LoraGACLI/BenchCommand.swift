@@ -67,6 +67,7 @@ struct BenchCommand: ParsableCommand {
             BLAS.configureThreads()
             var report = MachineReport(
                 openblasThreads: Int(openblas_get_num_threads()),
+                openblasHelperThreads: BLAS.helperThreadsRunning,
                 openblasCore: String(cString: openblas_get_corename()),
                 openblasCoreChosenByOpenBLAS: BLASKernels.selection.flatMap { $0.switched ? $0.chosenByOpenBLAS : nil },
                 openblasConfig: String(cString: openblas_get_config()),
@@ -207,6 +208,9 @@ struct MachineReport: Encodable {
         enum CodingKeys: String, CodingKey { case bytes, chunkBytes = "chunk_bytes", seconds, gbps, runsGbps = "runs_gbps" }
     }
     var openblasThreads: Int
+    /// Whether OpenBLAS's pool has helper threads alive while sgemm is timed (nil: this
+    /// OpenBLAS does not say). They spin between calls, so with one thread there must be none.
+    var openblasHelperThreads: Bool?
     var openblasCore: String
     /// The kernels OpenBLAS picked itself, when lora-ga replaced a generic fallback.
     var openblasCoreChosenByOpenBLAS: String?
@@ -217,7 +221,7 @@ struct MachineReport: Encodable {
     var loopback: Loopback?
 
     enum CodingKeys: String, CodingKey {
-        case openblasThreads = "openblas_threads", openblasCore = "openblas_core", openblasCoreChosenByOpenBLAS = "openblas_core_chosen_by_openblas", openblasConfig = "openblas_config"
+        case openblasThreads = "openblas_threads", openblasHelperThreads = "openblas_helper_threads", openblasCore = "openblas_core", openblasCoreChosenByOpenBLAS = "openblas_core_chosen_by_openblas", openblasConfig = "openblas_config"
         case environment, sgemm, summation, loopback
     }
 }

@@ -1,4 +1,3 @@
-import Foundation
 import Testing
 @testable import LoRAGACore
 
@@ -29,18 +28,5 @@ import Testing
     func readsFlags() {
         let flags = BLASKernels.cpuFlags()
         #expect(flags.contains("sse2"), "x86-64 always has sse2; read \(flags.count) flags")
-    }
-
-    @Test("setting the thread count again does not restart the helper threads the set-up stopped")
-    func configuringThreadsKeepsHelpersStopped() throws {
-        // What every executable does at start, then what `init`, workers and the verifier do
-        // before their first product. OpenBLAS 0.3.21 restarts its pool in any
-        // openblas_set_num_threads after a shutdown, and the helper then spins on sched_yield.
-        BLAS.stopHelperThreads()
-        BLAS.configureThreads()
-        let running = try #require(BLAS.helperThreadsRunning, "this OpenBLAS does not export its thread-pool state")
-        // After stopHelperThreads OPENBLAS_NUM_THREADS is 1, unless the environment already asked for more.
-        let asked = ProcessInfo.processInfo.environment["OPENBLAS_NUM_THREADS"].flatMap { Int($0) } ?? 1
-        #expect(running == (asked > 1 && ProcessInfo.processInfo.activeProcessorCount > 1))
     }
 }

@@ -108,4 +108,17 @@ import Testing
             #expect(try coordinatorMainNamedThreads(environment: ["OPENBLAS_NUM_THREADS": "2"]) == 2)
         }
     }
+
+    @Test("setting the BLAS thread count before work (init, workers, verify, bench) keeps the stopped helpers stopped")
+    func helperThreadsStayStopped() throws {
+        // `bench machine` calls BLAS.configureThreads like the others, then reports OpenBLAS's
+        // own pool state. OpenBLAS 0.3.21 restarts the pool in any openblas_set_num_threads
+        // after a shutdown, and the new helper spun on sched_yield for the whole run.
+        let report = try machineReport(environment: [:])
+        try #require(report["openblas_helper_threads"] is Bool, "this OpenBLAS does not export its thread-pool state")
+        #expect(report["openblas_helper_threads"] as? Bool == false)
+        if ProcessInfo.processInfo.activeProcessorCount >= 2 {
+            #expect(try machineReport(environment: ["OPENBLAS_NUM_THREADS": "2"])["openblas_helper_threads"] as? Bool == true)
+        }
+    }
 }

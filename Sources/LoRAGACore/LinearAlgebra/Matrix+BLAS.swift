@@ -24,7 +24,7 @@ public enum BLAS {
 
     /// Whether OpenBLAS's thread pool has helper threads alive; nil when this BLAS does not
     /// export its `blas_server_avail` / `blas_num_threads` (another build or library).
-    static var helperThreadsRunning: Bool? {
+    public static var helperThreadsRunning: Bool? {
         guard let handle = dlopen(nil, RTLD_NOW), let available = dlsym(handle, "blas_server_avail"),
               let threads = dlsym(handle, "blas_num_threads") else { return nil }
         return available.load(as: Int32.self) != 0 && threads.load(as: Int32.self) > 1
