@@ -25,8 +25,8 @@ public struct WorkerOptions: Sendable {
     /// it at a time to hash it), and fewer, larger frames ingest faster. One 4096×11008 layer
     /// from 4 workers, four series of 6–10 alternating runs: 1561/1611/1535/1404 MB/s on average
     /// at 4 MB, 1754/1756/1648/1561 at 32 MB (1610 at 8, 1705 at 16); 8192×28672 from 4
-    /// workers, 9 alternating runs: 1415 against 1437, no gain there. Dense only: a sketch
-    /// coordinator holds each shard whole.
+    /// workers, 9 alternating runs: 1415 at 4 MB, 1437 at 32 MB, no gain there. Dense only: a
+    /// sketch coordinator holds each shard whole.
     public var fileShardBytes = 32 << 20
     /// The job's shared secret, when the coordinator requires one.
     public var secret: JobSecret?
