@@ -405,11 +405,10 @@ final class GradientReader: @unchecked Sendable {
                 let mappedRows = Swift.max(1, Self.mappedBytes / (4 * layer.cols))
                 for start in stride(from: range.lowerBound, to: range.upperBound, by: mappedRows) {
                     let rows = start..<Swift.min(start + mappedRows, range.upperBound)
-                    let aligned = try file.withStoredRows(layer.name, rows: rows) { bytes, fileOffset in
+                    try file.withStoredRows(layer.name, rows: rows) { bytes, fileOffset in
                         region = (region?.lowerBound ?? fileOffset)..<(fileOffset + bytes.count)
-                        return try Self.hashAndCheck(bytes, rows: rows, into: &checksum, layer: layer, path: file.path)
+                        try Self.hashAndCheck(bytes, rows: rows, into: &checksum, layer: layer, path: file.path)
                     }
-                    guard aligned else { return nil }
                 }
                 guard let region else { return nil }
                 return EncodedShard(file: FileRegion(fileHandle: handle, readerIndex: region.lowerBound, endIndex: region.upperBound), checksum: checksum.value)
@@ -432,17 +431,20 @@ final class GradientReader: @unchecked Sendable {
     /// Mapping can still fail later; those shards are then read into buffers.
     func sendsRowsFromFile(of layer: GradientLayer, as dtype: TensorDType, compress: Bool) -> Bool {
         #if _endian(little)
-        guard dtype == .f32, !compress, storesRowsAsSent(layer),
-              let offset = try? files.files[0].storedOffset(of: layer.name), offset % MemoryLayout<Float>.alignment == 0 else { return false }
+        guard dtype == .f32, !compress, storesRowsAsSent(layer) else { return false }
         return lock.withLock { sendsFromFile && sendHandle(for: files.files[0]) != nil }
         #else
         return false
         #endif
     }
 
-    /// One file, storing `layer` as F32: its bytes are the payload, nothing to sum or convert.
+    /// One file, storing `layer` as F32 at a Float-aligned offset: its bytes are the payload,
+    /// nothing to sum or convert, and mapped they are Floats (a page-aligned mapping keeps the
+    /// offset's alignment).
     private func storesRowsAsSent(_ layer: GradientLayer) -> Bool {
-        files.files.count == 1 && layer.dtype == TensorDType.f32.rawValue
+        guard files.files.count == 1, layer.dtype == TensorDType.f32.rawValue,
+              let offset = try? files.files[0].storedOffset(of: layer.name) else { return false }
+        return offset % MemoryLayout<Float>.alignment == 0
     }
 
     /// The handle `sendfile` reads `file` through, made on first use; nil (and no more tries)
@@ -471,11 +473,12 @@ final class GradientReader: @unchecked Sendable {
         logger?.info("\(file.path): shards are read into buffers, not sent from the file (\(reason))")
     }
 
-    /// Feeds mapped F32 rows `rows` to `checksum`, checking them for NaN/Inf in the same pass,
-    /// ~256 KB at a time; false if they are not Float-aligned. A NaN/Inf is an error naming the
-    /// file, layer and row.
-    private static func hashAndCheck(_ bytes: UnsafeRawBufferPointer, rows range: Range<Int>, into checksum: inout ShardChecksum, layer: GradientLayer, path: String) throws -> Bool {
-        guard let base = bytes.baseAddress, Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0 else { return false }
+    /// Feeds mapped F32 rows `rows` (Float-aligned, see `storesRowsAsSent`) to `checksum`,
+    /// checking them for NaN/Inf in the same pass, ~256 KB at a time. A NaN/Inf is an error
+    /// naming the file, layer and row.
+    private static func hashAndCheck(_ bytes: UnsafeRawBufferPointer, rows range: Range<Int>, into checksum: inout ShardChecksum, layer: GradientLayer, path: String) throws {
+        guard let base = bytes.baseAddress else { return }
+        precondition(Int(bitPattern: base) % MemoryLayout<Float>.alignment == 0, "mapped rows of '\(layer.name)' are not Float-aligned")
         let floats = base.assumingMemoryBound(to: Float.self)
         let pieceRows = Swift.max(1, hashedPieceBytes / (4 * layer.cols))
         for start in stride(from: range.lowerBound, to: range.upperBound, by: pieceRows) {
@@ -487,7 +490,6 @@ final class GradientReader: @unchecked Sendable {
                 throw GradientError.nonFinite(layer: layer.name, source: path, row: rows.lowerBound + index! / layer.cols)
             }
         }
-        return true
     }
 
     /// Rows of a file-sent shard mapped at a time to be hashed (its region is sent whole).
