@@ -39,7 +39,7 @@ public struct ShardPiece: Sendable, Equatable {
 ///
 /// Each piece is hashed here, on the thread that has just read it from the socket (the bytes
 /// are in that core's cache); hashed later on the engine's thread, the same bytes came from
-/// memory at half the speed (perf: xxHash64 at 4–5 GB/s there, 10–11 GB/s hot).
+/// memory at half the speed (perf, with xxHash64: 4–5 GB/s there, 10–11 GB/s hot).
 public struct StreamingFrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable {
     public typealias InboundOut = InboundFrame
 

@@ -47,7 +47,7 @@ public struct LayerCommit: WireMessageBody {
     public var attempt: UInt32
     public var shardCount: UInt32
     public var rowCount: UInt64
-    /// ``ShardChecksum`` (xxHash64, seed 0) over the layer's shard checksums (u64 LE each), in send order.
+    /// ``ShardChecksum`` (XXH3-64) over the layer's shard checksums (u64 LE each), in send order.
     public var checksum: UInt64
 
     public init(layerIndex: UInt32, shardCount: UInt32, rowCount: UInt64, checksum: UInt64, attempt: UInt32 = 0) {

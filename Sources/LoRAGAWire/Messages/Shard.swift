@@ -6,7 +6,7 @@ import NIOCore
 /// `uncompressedBytes` is always `rowCount × cols × dtype.byteWidth`; without
 /// compression `payload` holds exactly that many bytes. With compression the
 /// receiver checks `rowCount` and `cols` against the job before it allocates
-/// `uncompressedBytes` for decompression. `checksum` is xxHash64 (seed 0) of
+/// `uncompressedBytes` for decompression. `checksum` is XXH3-64 (``ShardChecksum``) of
 /// the payload as sent (the compressed bytes when compressed): the receiver
 /// checks it where the bytes arrive, while they are still in cache.
 public struct Shard: WireMessageBody {
