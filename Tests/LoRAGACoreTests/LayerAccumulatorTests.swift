@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Testing
 @testable import LoRAGACore
 
@@ -102,4 +105,39 @@ import Testing
             #expect(found == position, "\(poison) at \(position)")
         }
     }
+
+    #if os(Linux)
+    @Test("a fresh sum maps its pages a few MB ahead of the rows written, not all when it is made")
+    func pagesMappedAhead() throws {
+        let (rows, cols) = (2048, 8192)   // 64 MB
+        var accumulator = try LayerAccumulator(name: "big", rows: rows, cols: cols, settings: settings)
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let base = Int(bitPattern: accumulator.storageAddress!)
+        /// How many whole pages of the sum's bytes [from, to) are in memory, of how many.
+        func resident(_ from: Int, _ to: Int) -> (mapped: Int, of: Int) {
+            let start = (base + from + page - 1) / page * page
+            let end = (base + to) / page * page
+            var flags = [UInt8](repeating: 0, count: (end - start) / page)
+            #expect(mincore(UnsafeMutableRawPointer(bitPattern: start), end - start, &flags) == 0)
+            return (flags.count { $0 & 1 == 1 }, flags.count)
+        }
+        let (ahead, rowBytes) = (LayerAccumulator.populateBytes, 4 * cols)
+        #expect(resident(0, rows * rowBytes).mapped == 0, "nothing is mapped before the first rows arrive")
+
+        let block = [Float](repeating: 1, count: 64 * cols)   // 2 MB of rows
+        block.withUnsafeBufferPointer { accumulator.add(RowBlock(rowStart: 0, rowCount: 64, cols: cols, values: $0)) }
+        let near = resident(0, ahead)
+        #expect(near.mapped == near.of, "the rows written and the next \(ahead) bytes are mapped")
+        #expect(resident(ahead + page, rows * rowBytes).mapped == 0, "nothing further")
+
+        // A block past the mapped rows (after a gap, which is zeroed) maps everything up to its end.
+        let farStart = 1024
+        block.withUnsafeBufferPointer { accumulator.add(RowBlock(rowStart: farStart, rowCount: 64, cols: cols, values: $0)) }
+        let upToFar = resident(0, (farStart + 64) * rowBytes)
+        #expect(upToFar.mapped == upToFar.of)
+        #expect(resident((farStart + 64) * rowBytes + page, rows * rowBytes).mapped == 0)
+        let (_, svd, _) = try accumulator.finish(settings: settings)
+        #expect(abs(svd.s[0] - Float((128.0 * Double(cols)).squareRoot())) < 1e-2 * svd.s[0], "two blocks of ones: one singular value √(128·cols)")
+    }
+    #endif
 }

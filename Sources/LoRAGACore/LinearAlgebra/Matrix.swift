@@ -15,12 +15,14 @@ public struct Matrix: Sendable, Equatable {
             : [Float](repeating: 0, count: rows * cols)
     }
 
-    /// A matrix whose elements hold whatever its memory held: for a caller that writes every
-    /// element before reading it (a dense layer's sum), which then skips zeroing it.
+    /// A matrix whose elements hold whatever its memory held, its pages not touched: for a
+    /// caller that writes every element before reading it (a dense layer's sum), which then
+    /// skips zeroing it and maps its pages as it writes them (`LayerAccumulator`).
     public static func unspecified(rows: Int, cols: Int) -> Matrix {
         precondition(rows >= 0 && cols >= 0, "negative matrix shape \(rows)×\(cols)")
-        guard rows * cols * 4 >= ZeroedFloats.prefaultBytes else { return Matrix(rows: rows, cols: cols) }
-        return Matrix(rows: rows, cols: cols, storage: ZeroedFloats.prefaulted(count: rows * cols, zeroed: false))
+        let count = rows * cols
+        // Float is trivial: any bit pattern is a valid value.
+        return Matrix(rows: rows, cols: cols, storage: [Float](unsafeUninitializedCapacity: count) { _, initialized in initialized = count })
     }
 
     public init(rows: Int, cols: Int, storage: [Float]) {

@@ -3,23 +3,21 @@ import Glibc
 #endif
 
 /// Large zeroed arrays with their pages mapped by one `madvise(MADV_POPULATE_WRITE)` before
-/// they are zeroed, instead of one page fault per 4 KB while zeroing. A dense layer's sum
-/// (940 MB for 8192×28672) is the case: on this project's VMs a fault costs several µs of
-/// trap overhead on top of the kernel's zeroing, and the coordinator's receiving stalls
-/// while a fresh sum is faulted in.
+/// they are zeroed, instead of one page fault per 4 KB while zeroing: on this project's VMs a
+/// fault costs several µs of trap overhead on top of the kernel's zeroing. A dense layer's sum
+/// (940 MB for 8192×28672) maps its pages the same way, a few MB at a time just ahead of its
+/// writes (`LayerAccumulator`), so the mapping overlaps with reading the next rows.
 enum ZeroedFloats {
     /// Below this, ordinary zero-filling is as fast (and the memory is often reused heap).
     static let prefaultBytes = 4 << 20
 
-    /// `zeroed: false` leaves whatever the memory held (zeros from a fresh mapping, old
-    /// values from reused heap) for a caller that writes every element before reading it.
-    static func prefaulted(count: Int, zeroed: Bool = true) -> [Float] {
+    static func prefaulted(count: Int) -> [Float] {
         [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
             if let base = buffer.baseAddress {
                 populate(UnsafeMutableRawPointer(base), byteCount: count * MemoryLayout<Float>.stride)
                 // Populated pages of a fresh mapping are already zero, but malloc may hand back
                 // reused memory: zero it anyway, now without faults (~25 GB/s).
-                if zeroed { base.initialize(repeating: 0, count: count) }
+                base.initialize(repeating: 0, count: count)
             }
             initialized = count   // Float is trivial: any bit pattern is a valid value
         }
