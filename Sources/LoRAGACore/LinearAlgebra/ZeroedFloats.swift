@@ -11,6 +11,7 @@ enum ZeroedFloats {
     /// Below this, ordinary zero-filling is as fast (and the memory is often reused heap).
     static let prefaultBytes = 4 << 20
 
+    /// `count` zeros, their pages mapped before they are written.
     static func prefaulted(count: Int) -> [Float] {
         [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
             if let base = buffer.baseAddress {
