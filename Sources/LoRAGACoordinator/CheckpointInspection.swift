@@ -47,22 +47,11 @@ public struct CheckpointInspection: Sendable {
                 entry.fileBytes = ((try? FileManager.default.attributesOfItem(atPath: path)[.size]) as? Int) ?? 0
                 if !FileManager.default.fileExists(atPath: path) {
                     entry.state = .missing
+                } else if let problem = CheckpointStore.problem(checkpointAt: path, for: layer, rank: rank, crc32c: finished.crc32c) {
+                    entry.state = .corrupt
+                    entry.detail = problem
                 } else {
-                    do {
-                        let checkpoint = try CheckpointFile.read(from: path)
-                        if CheckpointStore.crc(of: path) != finished.crc32c {
-                            entry.state = .corrupt
-                            entry.detail = "CRC-32C differs from the manifest's"
-                        } else if checkpoint.outFeatures != layer.rows || checkpoint.inFeatures != layer.cols || checkpoint.rank != rank {
-                            entry.state = .corrupt
-                            entry.detail = "shape \(checkpoint.outFeatures)×\(checkpoint.inFeatures) r=\(checkpoint.rank) does not match the manifest"
-                        } else {
-                            entry.state = .ok
-                        }
-                    } catch {
-                        entry.state = .corrupt
-                        entry.detail = "\(error)"
-                    }
+                    entry.state = .ok
                 }
             }
             layers.append(entry)

@@ -7,6 +7,7 @@ import LoRAGAFormats
 public struct JobManifest: Codable, Equatable, Sendable {
     public struct FinishedLayer: Codable, Equatable, Sendable {
         public var file: String
+        /// CRC-32C of the checkpoint's content (every byte before its own trailing CRC).
         public var crc32c: UInt32
         public var report: LayerReport
     }
@@ -83,16 +84,43 @@ public final class CheckpointStore {
         return nil
     }
 
-    /// A finished layer whose checkpoint is missing or fails its checks is recomputed, never used.
+    /// A finished layer whose checkpoint is missing, fails its checks, or belongs to another
+    /// layer is recomputed, never used.
     private func dropCorruptCheckpoints() {
-        for (name, entry) in manifest.finished {
+        for layer in manifest.layers {
+            guard let entry = manifest.finished[layer.name] else { continue }
             let path = (checkpointDirectory as NSString).appendingPathComponent(entry.file)
-            let valid = (try? CheckpointFile.read(from: path)).map { _ in CheckpointStore.crc(of: path) == entry.crc32c } ?? false
-            if !valid {
-                manifest.finished[name] = nil
-                droppedLayers.append(name)
+            if CheckpointStore.problem(checkpointAt: path, for: layer, rank: manifest.settings.lora.rank, crc32c: entry.crc32c) != nil {
+                manifest.finished[layer.name] = nil
+                droppedLayers.append(layer.name)
             }
         }
+        manifest.finished = manifest.finished.filter { name, _ in manifest.layers.contains { $0.name == name } }
+    }
+
+    /// Why the checkpoint at `path` cannot stand for `layer`, or nil when it can: it must be
+    /// readable and intact, hold exactly the content the manifest recorded (`crc32c`), and
+    /// name this layer with this shape and rank (a checkpoint copied or renamed from another
+    /// layer passes its own CRC, so its identity is checked too).
+    public static func problem(checkpointAt path: String, for layer: GradientLayer, rank: Int, crc32c: UInt32) -> String? {
+        guard FileManager.default.fileExists(atPath: path) else { return "missing" }
+        let checkpoint: CheckpointFile
+        do {
+            checkpoint = try CheckpointFile.read(from: path)
+        } catch {
+            return "\(error)"
+        }
+        let content = contentChecksum(of: path)
+        if content != crc32c {
+            return String(format: "content CRC-32C %08x differs from the manifest's %08x", content, crc32c)
+        }
+        if checkpoint.layer != layer.moduleName {
+            return "it holds layer '\(checkpoint.layer)', not '\(layer.moduleName)'"
+        }
+        if checkpoint.outFeatures != layer.rows || checkpoint.inFeatures != layer.cols || checkpoint.rank != rank {
+            return "shape \(checkpoint.outFeatures)×\(checkpoint.inFeatures) r=\(checkpoint.rank), the manifest has \(layer.rows)×\(layer.cols) r=\(rank)"
+        }
+        return nil
     }
 
     /// Layers whose checkpoints were found corrupt on open (they will be recomputed).
@@ -118,7 +146,7 @@ public final class CheckpointStore {
             mode: report.mode.rawValue, singularValues: report.singularValues, fidelity: report.fidelityEstimate,
             loraA: factors.a.storage, loraB: factors.b.storage)
         try checkpoint.write(to: path)
-        manifest.finished[layer.name] = .init(file: file, crc32c: CheckpointStore.crc(of: path), report: report)
+        manifest.finished[layer.name] = .init(file: file, crc32c: CheckpointStore.contentChecksum(of: path), report: report)
         try saveManifest()
     }
 
@@ -160,8 +188,10 @@ public final class CheckpointStore {
         try DurableFile.write(try encoder.encode(manifest), to: (checkpointDirectory as NSString).appendingPathComponent(CheckpointStore.manifestFileName))
     }
 
-    public static func crc(of path: String) -> UInt32 {
-        guard let data = FileManager.default.contents(atPath: path) else { return 0 }
-        return data.withUnsafeBytes { CRC32C.checksum($0) }
+    /// CRC-32C of a checkpoint's content: every byte but the trailing CRC. (Over the whole
+    /// file, trailer included, CRC-32C gives the same constant for every intact file.)
+    public static func contentChecksum(of path: String) -> UInt32 {
+        guard let data = FileManager.default.contents(atPath: path), data.count >= 4 else { return 0 }
+        return data.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[..<(data.count - 4)])) }
     }
 }

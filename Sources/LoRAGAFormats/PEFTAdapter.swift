@@ -30,6 +30,9 @@ public enum PEFTAdapter {
         var shapes: [(out: Int, in: Int)] = []
         for (module, path) in checkpoints {
             let checkpoint = try CheckpointFile.read(from: path)
+            guard checkpoint.layer == module else {
+                throw CheckpointError(path: path, problem: "checkpoint holds layer '\(checkpoint.layer)', not '\(module)'")
+            }
             guard checkpoint.rank == lora.rank else {
                 throw CheckpointError(path: path, problem: "checkpoint has rank \(checkpoint.rank), the adapter is being written at rank \(lora.rank)")
             }
