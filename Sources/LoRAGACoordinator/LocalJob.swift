@@ -13,12 +13,15 @@ public struct LocalJob {
     /// Power mode: spend one more read of each layer on the fidelity estimate (dense mode has
     /// the layer in memory and always estimates; `lora-ga verify` measures it exactly).
     public var estimatesFidelity = false
+    /// Held for the job's life: no second process writes this output directory.
+    private let lock: OutputLock
 
     public init(files: GradientFileSet, settings: JobSettings, outputDirectory: String, restart: Bool = false, progress: @escaping (String) -> Void = { _ in }) throws {
         let problems = settings.validationErrors()
         guard problems.isEmpty else { throw JobError(problems.joined(separator: "; ")) }
         self.files = files
         self.settings = settings
+        self.lock = try OutputLock(directory: outputDirectory, purpose: "lora-ga init")
         self.store = try CheckpointStore(directory: outputDirectory, settings: settings, layers: files.layers, restart: restart)
         self.progress = progress
     }

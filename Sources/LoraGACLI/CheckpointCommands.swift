@@ -1,12 +1,13 @@
 import ArgumentParser
 import Foundation
 import LoRAGACoordinator
+import LoRAGAFormats
 
 struct InspectCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "inspect",
         abstract: "Show a job directory's checkpoints: layers, shapes, state, sizes, compression, fidelity.",
-        discussion: "Every checkpoint is read and checked (CRC-32C, shapes, decompression). Exits 1 if any finished layer is corrupt or missing.")
+        discussion: "Every checkpoint is read and checked (CRC-32C of its content against the manifest, the layer it names, shapes, decompression). Exits 3 if any finished layer is corrupt, missing or belongs to another layer.")
 
     @Argument(help: "The job's output directory (or its checkpoints/ folder).")
     var directory: String
@@ -14,7 +15,7 @@ struct InspectCommand: ParsableCommand {
     func run() throws {
         let inspection = try CheckpointInspection(directory: directory)
         print(inspection.report())
-        if inspection.layers.contains(where: { $0.state == .corrupt || $0.state == .missing }) { throw ExitCode(1) }
+        if inspection.layers.contains(where: { $0.state == .corrupt || $0.state == .missing }) { throw ExitCode(3) }
     }
 }
 
@@ -34,7 +35,9 @@ struct ExportCommand: ParsableCommand {
 
     func run() throws {
         let inspection = try CheckpointInspection(directory: directory)
+        let lock = try OutputLock(directory: out, purpose: "lora-ga export")
         let count = try inspection.export(to: out, dtype: dtype.tensorDType)
+        withExtendedLifetime(lock) {}
         log("exported \(count) of \(inspection.layers.count) layers to \(out)")
     }
 }
