@@ -104,6 +104,9 @@ public final class GradientFileSet {
                 while let relative = walker.nextObject() as? String {
                     if relative.hasSuffix(".safetensors") { found.append((path as NSString).appendingPathComponent(relative)) }
                 }
+                guard !found.isEmpty else {
+                    throw GradientSetError("\(path): the directory holds no .safetensors files (a gradient directory must contain at least one)")
+                }
                 result.append(contentsOf: found.sorted())
             } else {
                 result.append(path)
