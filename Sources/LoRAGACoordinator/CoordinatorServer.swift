@@ -43,14 +43,17 @@ public struct CoordinatorServer: Sendable {
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20))
             .bind(host: host, port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(StreamingFrameDecoder(maxFrameLength: maxFrameLength)))
+                    // Until the peer's Hello is accepted, its decoder takes only a small Hello.
+                    let gate = HandshakeGate()
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(StreamingFrameDecoder(maxFrameLength: maxFrameLength, gate: gate)))
                     try channel.pipeline.syncOperations.addHandler(FrameWriter(maxFrameLength: maxFrameLength))
                     // Little buffered per connection (shard pieces are reads of ≤ 64 KB; a whole
                     // compressed shard is ≤ 4 MB): a busy engine turns into TCP backpressure
                     // quickly instead of into coordinator memory.
-                    return try NIOAsyncChannel<InboundFrame, WireMessage>(
+                    let wrapped = try NIOAsyncChannel<InboundFrame, WireMessage>(
                         wrappingChannelSynchronously: channel,
                         configuration: .init(backPressureStrategy: .init(lowWatermark: 4, highWatermark: 16), isOutboundHalfClosureEnabled: true))
+                    return AcceptedConnection(channel: wrapped, gate: gate)
                 }
             }
         let boundPort = server.channel.localAddress?.port ?? port
@@ -63,7 +66,7 @@ public struct CoordinatorServer: Sendable {
                 try await withThrowingDiscardingTaskGroup { connections in
                     try await server.executeThenClose { inbound in
                         for try await connection in inbound {
-                            connections.addTask { await CoordinatorServer.serve(connection, engine: engine) }
+                            connections.addTask { await CoordinatorServer.serve(connection.channel, gate: connection.gate, engine: engine) }
                         }
                     }
                 }
@@ -107,15 +110,21 @@ public struct CoordinatorServer: Sendable {
         }
     }
 
+    /// An accepted connection and the gate its decoder checks before the handshake.
+    struct AcceptedConnection: Sendable {
+        let channel: NIOAsyncChannel<InboundFrame, WireMessage>
+        let gate: HandshakeGate
+    }
+
     /// Which half of a connection ended first.
     enum Side: Sendable {
         case reader, readerFailed, writer, timer
     }
 
 /// One connection: a reader feeding the engine and a writer draining its outbox.
-    static func serve(_ connection: NIOAsyncChannel<InboundFrame, WireMessage>, engine: CoordinatorEngine) async {
+    static func serve(_ connection: NIOAsyncChannel<InboundFrame, WireMessage>, gate: HandshakeGate, engine: CoordinatorEngine) async {
         let (outbox, continuation) = AsyncStream<Outgoing>.makeStream()
-        let id = await engine.connected(continuation)
+        let id = await engine.connected(continuation, gate: gate)
         do {
             try await connection.executeThenClose { inbound, outbound in
                 try await withThrowingTaskGroup(of: Side.self) { group in

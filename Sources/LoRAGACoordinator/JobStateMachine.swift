@@ -2,18 +2,24 @@ import LoRAGACore
 import LoRAGAFormats
 import LoRAGAWire
 
-/// The coordinator's bookkeeping as a pure value: which workers are connected, which layers
-/// are open, who has committed what. It is fed events and returns actions; it never touches
-/// a socket or a matrix, so every crash and reconnect case is an ordinary unit test.
+/// The coordinator's bookkeeping as a pure value: which connections have greeted, which
+/// workers hold a slot, which layers are open and what each worker delivered for them
+/// (``LayerLedger``). It is fed events and returns actions that carry their data; it never
+/// touches a socket, a clock or a matrix, so every crash and reconnect case is a unit test.
 ///
 /// Rules it enforces (DESIGN.md §4–5):
-/// - a worker counts once: a second live connection with the same id is refused;
-/// - every worker announces the same layers (names, shapes) — the first announcement, or
-///   the manifest of a resumed job, is the reference;
-/// - at most `window` layers are open; a layer finalizes when every worker committed it;
-/// - a layer finalizes only on every worker's verified commit; a worker lost mid-layer has
-///   its partial contribution discarded: the layer restarts under a new attempt for everyone,
-///   because rows already folded into a sum or sketch cannot be taken out again.
+/// - a slot goes only to a worker that greeted with the right protocol (and, when the job has
+///   a secret, authenticated: the engine checks the proof before `helloReceived`) and then
+///   announced a layer set consistent with the job; a worker id counts once;
+/// - every worker announces the same layers (names, shapes); no worker is the reference:
+///   two disagreeing workers (or a worker and the resumed job's manifest) fail the job at
+///   once, naming both sides, since no set of workers containing both can be consistent;
+/// - at most `window` layers are open; a layer finalizes when every worker's commit matched
+///   what arrived (rows, shard count, checksum);
+/// - a worker lost mid-layer has its partial contribution discarded: the layer restarts
+///   under a new attempt for everyone (rows folded into a sum or sketch cannot be removed);
+/// - the job is finished only once the adapter is written; a failure at any point, the last
+///   write included, reaches every worker and the engine.
 public struct JobStateMachine: Sendable {
     public typealias ConnectionID = Int
 
@@ -22,11 +28,14 @@ public struct JobStateMachine: Sendable {
         public var mode: SVDMode
         /// Layers open at once (memory grows with it; 2 overlaps one layer's finalize with the next one's transfer).
         public var window: Int
+        /// The dtype every shard must travel in.
+        public var payloadDType: WireDType
 
-        public init(expectedWorkers: Int, mode: SVDMode, window: Int = 2) {
+        public init(expectedWorkers: Int, mode: SVDMode, window: Int = 2, payloadDType: WireDType = .f32) {
             self.expectedWorkers = expectedWorkers
             self.mode = mode
             self.window = Swift.max(1, window)
+            self.payloadDType = payloadDType
         }
     }
 
@@ -34,50 +43,61 @@ public struct JobStateMachine: Sendable {
         case send(ConnectionID, WireMessage)
         /// Send this error, then close the connection; the job goes on.
         case refuse(ConnectionID, ErrorMessage)
+        /// The peer greeted correctly: send it the job's spec (it may now send larger frames).
         case sendJobSpec(ConnectionID)
-        /// The job's layer set is now known (first valid announcement).
+        /// The job's layer set is now known (every expected worker announced it).
         case layersKnown([GradientLayer])
         /// Allocate the layer's accumulator (dense, sketch) or start its range finder (power).
-        case openLayer(Int)
+        case openLayer(Int, GradientLayer)
         /// Zero the layer's sum or sketch; every worker resends under `attempt`.
         case restartLayer(Int, attempt: UInt32)
         /// Every worker committed: compute factors, checkpoint, then report `layerFinalized`.
-        case finalizeLayer(Int)
+        case finalizeLayer(Int, GradientLayer)
         /// Power: every worker answered the outstanding request of this layer.
         case powerRoundComplete(Int)
-        case finishJob
-        case failJob(String)
+        /// Every layer is durable: write the adapter, then report `adapterWritten` or `fail`.
+        case writeAdapter
+        /// The adapter is written: tell every worker (JobDone) and end the job successfully.
+        case jobDone(workers: [ConnectionID])
+        case failJob(JobError)
         /// A worker left while the job runs: it must rejoin in time or the job fails.
         case startRejoinTimer(worker: String)
     }
 
-    /// What to do with a data message (shard or power reply) from a connection.
+    /// What to do with a power reply from a connection.
     public enum Verdict: Sendable, Equatable {
         case accept(worker: String)
-        /// Late data of an older attempt or a duplicate: drop it silently.
+        /// Late data of an older round or a duplicate: drop it silently.
         case ignore
         /// A protocol violation: refuse the connection with this message.
         case violation(String)
     }
 
-    enum ConnectionState: Sendable, Equatable {
-        case awaitingAnnounce(worker: String)
-        case active(worker: String)
+    /// What to do with a shard whose header just arrived.
+    public enum ShardVerdict: Sendable, Equatable {
+        /// Fold its rows into the layer; report `shardEnded` with the checksum's verdict.
+        case accept(worker: String, layer: GradientLayer)
+        case ignore
+        case refuse(ErrorMessage)
     }
 
-    struct OpenLayer: Sendable, Equatable {
-        var attempt: UInt32 = 0
-        var committed: Set<String> = []
-        /// Workers that sent data for the current attempt (dense: their data is in the sum).
-        var dirty: Set<String> = []
-        /// Power: the request every worker must answer, and who still owes an answer.
-        var powerRequest: PowerRequest?
-        var powerPending: Set<String> = []
+    enum ConnectionState: Sendable, Equatable {
+        /// Greeted (and authenticated); holds no slot until its announcement is accepted.
+        case greeted(worker: String)
+        case active(worker: String)
+
+        var worker: String {
+            switch self {
+            case .greeted(let worker), .active(let worker): worker
+            }
+        }
     }
 
     public enum Phase: Sendable, Equatable {
         case gathering
         case running
+        /// Every layer is durable; the adapter is being written.
+        case finishing
         case finished
         case failed(String)
     }
@@ -85,14 +105,17 @@ public struct JobStateMachine: Sendable {
     public let configuration: Configuration
     public private(set) var phase: Phase = .gathering
     public private(set) var layers: [GradientLayer]?
-    /// Which connection announced the reference layer set (for error messages).
-    private var referenceWorker: String?
+    /// Where the layer set came from: a resumed job's manifest, or nil (the workers).
+    private let layersFromManifest: Bool
     public private(set) var finished: Set<Int>
-    private var open: [Int: OpenLayer] = [:]
+    private var open: [Int: LayerLedger] = [:]
     private var connections: [ConnectionID: ConnectionState] = [:]
-    /// Worker id → its live connection (nil while away).
+    /// The shard arriving on each connection, once accepted.
+    private var inFlight: [ConnectionID: (layer: Int, shard: LayerLedger.InFlight)] = [:]
+    /// Slot holders: worker id → its live connection (nil while away mid-job).
     private var workers: [String: ConnectionID?] = [:]
-    private var announced: Set<String> = []
+    /// Gathering: what each slot holder announced, until the job starts.
+    private var announcements: [String: [GradientLayer]] = [:]
 
     /// - Parameters:
     ///   - layers: the job's layers when known up front (a resumed job's manifest).
@@ -100,22 +123,28 @@ public struct JobStateMachine: Sendable {
     public init(configuration: Configuration, layers: [GradientLayer]? = nil, finished: Set<Int> = []) {
         self.configuration = configuration
         self.layers = layers
+        self.layersFromManifest = layers != nil
         self.finished = finished
     }
 
     public var openLayers: [Int] { open.keys.sorted() }
     public func attempt(of layer: Int) -> UInt32? { open[layer]?.attempt }
-    public func worker(on connection: ConnectionID) -> String? {
-        switch connections[connection] {
-        case .awaitingAnnounce(let worker), .active(let worker): return worker
-        case nil: return nil
-        }
+    public func worker(on connection: ConnectionID) -> String? { connections[connection]?.worker }
+    /// Whether the connection greeted successfully (it may send more than handshake frames).
+    public func hasGreeted(_ connection: ConnectionID) -> Bool { connections[connection] != nil }
+    /// Whether the connection holds a worker's slot (greeted and announced).
+    public func isActive(_ connection: ConnectionID) -> Bool {
+        if case .active = connections[connection] { return true }
+        return false
     }
+    /// Workers holding a slot (announced and accepted), present or away.
     public var workerIDs: [String] { workers.keys.sorted() }
     public var finishedLayerNames: [String] { layers.map { l in finished.sorted().map { l[$0].name } } ?? [] }
+    private var isPower: Bool { configuration.mode == .power }
 
     // MARK: - Handshake
 
+    /// A Hello whose proof (if the job has a secret) the engine has already verified.
     public mutating func helloReceived(on connection: ConnectionID, _ hello: Hello) -> [Action] {
         guard phase == .gathering || phase == .running else {
             return [.refuse(connection, ErrorMessage(code: .jobFailed, message: "the job is no longer accepting workers"))]
@@ -124,68 +153,85 @@ public struct JobStateMachine: Sendable {
             return [.refuse(connection, ErrorMessage(code: .badVersion, message: "protocol version \(hello.protocolVersion) is not supported; this coordinator speaks version \(WireProtocol.version)"))]
         }
         let id = hello.workerID
-        if let existing = workers[id] {
-            if existing != nil {
-                return [.refuse(connection, ErrorMessage(code: .duplicateWorker, message: "worker id '\(id)' is already connected; give every worker a distinct --id"))]
-            }
-        } else if workers.count >= configuration.expectedWorkers {
-            return [.refuse(connection, ErrorMessage(code: .duplicateWorker, message: "the job expects \(configuration.expectedWorkers) workers and has them (\(workerIDs.joined(separator: ", "))); '\(id)' is not one of them"))]
+        let live = connections.values.contains { $0.worker == id }
+        guard !live else {
+            return [.refuse(connection, ErrorMessage(code: .duplicateWorker, message: "worker id '\(id)' is already connected; give every worker a distinct --id"))]
         }
-        workers[id] = connection
-        connections[connection] = .awaitingAnnounce(worker: id)
+        if phase == .running, workers[id] == nil {
+            return [.refuse(connection, ErrorMessage(code: .duplicateWorker, message: "the job is running with workers \(workerIDs.joined(separator: ", ")); '\(id)' is not one of them"))]
+        }
+        connections[connection] = .greeted(worker: id)
         return [.sendJobSpec(connection)]
     }
 
     public mutating func announced(on connection: ConnectionID, layers announcedLayers: [GradientLayer]) -> [Action] {
-        guard case .awaitingAnnounce(let id) = connections[connection] else {
+        guard case .greeted(let id) = connections[connection] else {
             return [.refuse(connection, ErrorMessage(code: .layerMismatch, message: "Announce before Hello, or twice"))]
         }
-        if let reference = layers {
-            if let problem = JobStateMachine.mismatch(reference: reference, announced: announcedLayers, worker: id, referenceWorker: referenceWorker) {
-                forget(connection: connection, worker: id, keepSlot: phase == .running)
-                return [.refuse(connection, ErrorMessage(code: problem.code, message: problem.message))]
-            }
+        guard !announcedLayers.isEmpty else {
+            connections[connection] = nil
+            return [.refuse(connection, ErrorMessage(code: .layerMismatch, message: "worker '\(id)' announced no layers"))]
         }
-        var actions: [Action] = []
-        if layers == nil {
-            guard !announcedLayers.isEmpty else {
-                forget(connection: connection, worker: id, keepSlot: false)
-                return [.refuse(connection, ErrorMessage(code: .layerMismatch, message: "worker '\(id)' announced no layers"))]
+        if workers[id] == nil, phase != .gathering || workers.count >= configuration.expectedWorkers {
+            connections[connection] = nil
+            return [.refuse(connection, ErrorMessage(code: .duplicateWorker, message: "the job expects \(configuration.expectedWorkers) workers and has them (\(workerIDs.joined(separator: ", "))); '\(id)' is not one of them"))]
+        }
+        // Consistency is a property of the set: against the manifest, or every other announcement.
+        if let reference = layers {
+            if let problem = JobStateMachine.conflict(reference, announcedLayers, referenceName: layersFromManifest ? "the resumed job's manifest" : "the job", worker: id) {
+                return conflictFails(problem, connection: connection)
             }
-            layers = announcedLayers
-            referenceWorker = id
-            actions.append(.layersKnown(announcedLayers))
+        } else {
+            for (other, theirs) in announcements.sorted(by: { $0.key < $1.key }) where other != id {
+                if let problem = JobStateMachine.conflict(theirs, announcedLayers, referenceName: "worker '\(other)'", worker: id) {
+                    return conflictFails(problem, connection: connection)
+                }
+            }
         }
         connections[connection] = .active(worker: id)
-        announced.insert(id)
+        workers[id] = connection
+        var actions: [Action] = []
         switch phase {
         case .gathering:
-            if announced.count == configuration.expectedWorkers {
+            announcements[id] = announcedLayers
+            if workers.count == configuration.expectedWorkers {
+                if layers == nil {
+                    layers = announcedLayers
+                    actions.append(.layersKnown(announcedLayers))
+                } else {
+                    actions.append(.layersKnown(layers!))
+                }
+                announcements = [:]
                 phase = .running
                 actions += openNextLayers()
             }
         case .running:
             actions += replay(to: connection, worker: id)
-        case .finished, .failed:
+        case .finishing, .finished, .failed:
             break
         }
         return actions
     }
 
-    static func mismatch(reference: [GradientLayer], announced: [GradientLayer], worker: String, referenceWorker: String?) -> (code: WireErrorCode, message: String)? {
-        let source = referenceWorker.map { "worker '\($0)'" } ?? "the job's manifest"
-        let byName = Dictionary(announced.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+    private mutating func conflictFails(_ problem: (code: WireErrorCode, message: String), connection: ConnectionID) -> [Action] {
+        let error = JobError(.badInput, "inconsistent workers: " + problem.message)
+        return [.refuse(connection, ErrorMessage(code: problem.code, message: error.message))] + fail(error)
+    }
+
+    /// Why `theirs` (announced by `worker`) cannot be the same job as `reference`, or nil.
+    static func conflict(_ reference: [GradientLayer], _ theirs: [GradientLayer], referenceName: String, worker: String) -> (code: WireErrorCode, message: String)? {
+        let byName = Dictionary(theirs.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         for layer in reference {
-            guard let theirs = byName[layer.name] else {
-                return (.layerMismatch, "worker '\(worker)' has no layer '\(layer.name)' (\(source) has it, \(layer.rows)×\(layer.cols))")
+            guard let other = byName[layer.name] else {
+                return (.layerMismatch, "worker '\(worker)' has no layer '\(layer.name)' (\(referenceName) has it, \(layer.rows)×\(layer.cols))")
             }
-            if theirs.rows != layer.rows || theirs.cols != layer.cols {
-                return (.shapeMismatch, "worker '\(worker)': layer '\(layer.name)' is \(theirs.rows)×\(theirs.cols), but \(layer.rows)×\(layer.cols) in \(source)")
+            if other.rows != layer.rows || other.cols != layer.cols {
+                return (.shapeMismatch, "layer '\(layer.name)' is \(other.rows)×\(other.cols) on worker '\(worker)' but \(layer.rows)×\(layer.cols) on \(referenceName)")
             }
         }
-        if announced.count != reference.count {
-            let extra = announced.first { layer in !reference.contains { $0.name == layer.name } }
-            return (.layerMismatch, "worker '\(worker)' announced \(announced.count) layers, the job has \(reference.count)" + (extra.map { " (extra: '\($0.name)')" } ?? ""))
+        if theirs.count != reference.count {
+            let extra = theirs.first { layer in !reference.contains { $0.name == layer.name } }
+            return (.layerMismatch, "worker '\(worker)' announced \(theirs.count) layers, \(referenceName) has \(reference.count)" + (extra.map { " (extra: '\($0.name)')" } ?? ""))
         }
         return nil
     }
@@ -198,72 +244,105 @@ public struct JobStateMachine: Sendable {
         var candidate = 0
         while open.count < configuration.window, candidate < layers.count {
             if !finished.contains(candidate) && open[candidate] == nil {
-                open[candidate] = OpenLayer()
+                open[candidate] = LayerLedger(index: candidate, layer: layers[candidate])
                 // Power mode too: LayerBegin names the layer its power requests refer to by index.
                 actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(candidate), name: layers[candidate].name, attempt: 0)))
-                actions.append(.openLayer(candidate))
+                actions.append(.openLayer(candidate, layers[candidate]))
             }
             candidate += 1
         }
         if open.isEmpty && finished.count == layers.count {
-            phase = .finished
-            actions.append(.finishJob)
+            phase = .finishing
+            actions.append(.writeAdapter)
         }
         return actions
     }
 
     /// A (re)joined worker gets every open layer it still owes.
     private func replay(to connection: ConnectionID, worker: String) -> [Action] {
-        guard let layers else { return [] }
         var actions: [Action] = []
         for index in open.keys.sorted() {
-            let state = open[index]!
-            if configuration.mode == .power {
-                actions.append(.send(connection, .layerBegin(LayerBegin(layerIndex: UInt32(index), name: layers[index].name, attempt: state.attempt))))
-                if let request = state.powerRequest, state.powerPending.contains(worker) {
+            let ledger = open[index]!
+            let begin = WireMessage.layerBegin(LayerBegin(layerIndex: UInt32(index), name: ledger.layer.name, attempt: ledger.attempt))
+            if isPower {
+                actions.append(.send(connection, begin))
+                if let request = ledger.powerRequest, ledger.powerPending.contains(worker) {
                     actions.append(.send(connection, .powerRequest(request)))
                 }
-            } else if !state.committed.contains(worker) {
-                actions.append(.send(connection, .layerBegin(LayerBegin(layerIndex: UInt32(index), name: layers[index].name, attempt: state.attempt))))
+            } else if !ledger.committed.contains(worker) {
+                actions.append(.send(connection, begin))
             }
         }
         return actions
     }
 
-    /// A shard (dense, sketch) arrived; checks it belongs to an open layer's current attempt.
-    public mutating func shardArrived(on connection: ConnectionID, layer: Int, attempt: UInt32) -> Verdict {
-        guard case .active(let worker) = connections[connection] else { return .violation("Shard before the handshake finished") }
-        guard configuration.mode != .power else { return .violation("Shard in a power-mode job") }
-        guard let state = open[layer] else {
-            if finished.contains(layer) || (layers.map { layer < $0.count } ?? false) { return .ignore }
-            return .violation("Shard for unknown layer index \(layer)")
+    /// A shard's header arrived (its rows follow): checked against the layer's ledger.
+    public mutating func shardBegan(on connection: ConnectionID, _ shard: Shard) -> ShardVerdict {
+        guard case .active(let worker) = connections[connection] else {
+            return .refuse(ErrorMessage(code: .badData, message: "Shard before the handshake finished"))
         }
-        guard attempt == state.attempt else { return attempt < state.attempt ? .ignore : .violation("Shard for attempt \(attempt) of layer \(layer), current is \(state.attempt)") }
-        guard !state.committed.contains(worker) else { return .violation("Shard for layer \(layer) after its commit") }
-        open[layer]!.dirty.insert(worker)
-        return .accept(worker: worker)
+        guard !isPower else { return .refuse(ErrorMessage(code: .badData, message: "Shard in a power-mode job")) }
+        let index = Int(shard.layerIndex)
+        guard let ledger = open[index] else {
+            if finished.contains(index) || (layers.map { index < $0.count } ?? false) { return .ignore }
+            return .refuse(ErrorMessage(code: .badData, message: "Shard for unknown layer index \(index)"))
+        }
+        switch ledger.check(shard: shard, from: worker, payloadDType: configuration.payloadDType) {
+        case .ignore:
+            return .ignore
+        case .violation(let code, let message):
+            return .refuse(ErrorMessage(code: code, message: message))
+        case .accept(let inFlight):
+            self.inFlight[connection] = (index, inFlight)
+            open[index]!.markDirty(worker)
+            return .accept(worker: worker, layer: ledger.layer)
+        }
     }
 
-    /// A worker committed a layer. `verified` says whether rows, shard count and checksum matched.
-    public mutating func committed(on connection: ConnectionID, layer: Int, attempt: UInt32, verified: Bool) -> [Action] {
+    /// The shard on `connection` arrived whole; `checksumMatches` is the decoder's verdict.
+    public mutating func shardEnded(on connection: ConnectionID, checksumMatches: Bool) -> [Action] {
+        guard let (index, shard) = inFlight.removeValue(forKey: connection) else { return [] }
+        guard checksumMatches else {
+            // Its rows are in the sum already: refusing the connection discards the worker's
+            // uncommitted rows of the layer (the layer restarts), as a bad commit does.
+            let name = layers?[index].name ?? "#\(index)"
+            return [.refuse(connection, ErrorMessage(code: .badData, message: "layer '\(name)': shard rows \(shard.rowStart)..<\(shard.rowStart + shard.rows) do not match their checksum; reconnect to resend"))]
+        }
+        _ = open[index]?.shardCompleted(shard)
+        return []
+    }
+
+    /// A worker committed a layer: counted only if it matches what arrived.
+    public mutating func committed(on connection: ConnectionID, _ commit: LayerCommit) -> [Action] {
         guard case .active(let worker) = connections[connection] else {
             return [.refuse(connection, ErrorMessage(code: .badData, message: "LayerCommit before the handshake finished"))]
         }
-        guard var state = open[layer], attempt == state.attempt else { return [] }   // stale attempt or finished layer
-        guard !state.committed.contains(worker) else { return [] }                    // duplicate commit: already counted
-        guard verified else {
-            return [.refuse(connection, ErrorMessage(code: .badData, message: "layer \(layer): the commit does not match the shards received (rows, count or checksum); reconnect to resend"))]
+        let index = Int(commit.layerIndex)
+        guard open[index] != nil else { return [] }   // a finished layer: already counted
+        switch open[index]!.commit(commit, from: worker) {
+        case .ignored:
+            return []
+        case .mismatch(let message):
+            return [.refuse(connection, ErrorMessage(code: .badData, message: message))]
+        case .counted:
+            let ledger = open[index]!
+            return ledger.isComplete(workers: configuration.expectedWorkers) ? [.finalizeLayer(index, ledger.layer)] : []
         }
-        state.committed.insert(worker)
-        open[layer] = state
-        return state.committed.count == configuration.expectedWorkers ? [.finalizeLayer(layer)] : []
     }
 
     /// The layer's checkpoint is durable: tell the workers, open the next layer.
     public mutating func layerFinalized(_ layer: Int) -> [Action] {
-        guard open.removeValue(forKey: layer) != nil else { return [] }
+        guard phase == .running, open.removeValue(forKey: layer) != nil else { return [] }
         finished.insert(layer)
         return broadcast(.layerDone(LayerDone(layerIndex: UInt32(layer)))) + openNextLayers()
+    }
+
+    /// The adapter is on disk: the job is done.
+    public mutating func adapterWritten() -> [Action] {
+        guard phase == .finishing else { return [] }
+        phase = .finished
+        let active = connections.keys.sorted().filter { if case .active = connections[$0] { return true } else { return false } }
+        return [.jobDone(workers: active)]
     }
 
     // MARK: - Power rounds
@@ -271,51 +350,56 @@ public struct JobStateMachine: Sendable {
     /// The engine has the next request of a layer's range finder: every worker must answer it.
     public mutating func powerRequestReady(layer: Int, _ request: PowerRequest) -> [Action] {
         guard open[layer] != nil else { return [] }
-        open[layer]!.powerRequest = request
-        open[layer]!.powerPending = Set(workers.keys)
+        open[layer]!.setPowerRequest(request, workers: Set(workers.keys))
         return broadcast(.powerRequest(request))
     }
 
-    public mutating func powerReplyArrived(on connection: ConnectionID, layer: Int, round: UInt32) -> Verdict {
+    public func powerReplyArrived(on connection: ConnectionID, layer: Int, round: UInt32) -> Verdict {
         guard case .active(let worker) = connections[connection] else { return .violation("PowerReply before the handshake finished") }
-        guard configuration.mode == .power else { return .violation("PowerReply in a \(configuration.mode.rawValue)-mode job") }
-        guard let state = open[layer], let request = state.powerRequest else { return .ignore }
-        guard round == request.round else { return round < request.round ? .ignore : .violation("PowerReply for round \(round) of layer \(layer), current is \(request.round)") }
-        guard state.powerPending.contains(worker) else { return .ignore }   // duplicate answer
-        return .accept(worker: worker)
+        guard isPower else { return .violation("PowerReply in a \(configuration.mode.rawValue)-mode job") }
+        guard let ledger = open[layer] else { return .ignore }
+        switch ledger.expectsReply(round: round, from: worker) {
+        case true?: return .accept(worker: worker)
+        case false?: return .ignore   // an older round, or a duplicate answer
+        case nil: return .violation("PowerReply for round \(round) of layer \(layer), current is \(ledger.powerRequest?.round ?? 0)")
+        }
     }
 
     /// Called after an accepted reply was stored; completes the round when nobody owes one.
     public mutating func powerReplyStored(layer: Int, worker: String) -> [Action] {
         guard open[layer] != nil else { return [] }
-        open[layer]!.powerPending.remove(worker)
-        return open[layer]!.powerPending.isEmpty ? [.powerRoundComplete(layer)] : []
+        return open[layer]!.replyStored(from: worker) ? [.powerRoundComplete(layer)] : []
     }
 
-    // MARK: - Failures
+    // MARK: - Failures and stalls
 
     public mutating func connectionClosed(_ connection: ConnectionID) -> [Action] {
-        guard let state = connections[connection] else { return [] }
-        let worker: String
-        switch state {
-        case .awaitingAnnounce(let id), .active(let id): worker = id
+        inFlight[connection] = nil
+        guard let state = connections.removeValue(forKey: connection) else { return [] }
+        guard case .active(let worker) = state else { return [] }   // greeted only: it held nothing
+        switch phase {
+        case .gathering:
+            workers[worker] = nil
+            announcements[worker] = nil
+            return []
+        case .running:
+            workers[worker] = .some(nil)
+        case .finishing, .finished, .failed:
+            workers[worker] = .some(nil)
+            return []
         }
-        let wasActive: Bool
-        if case .active = state { wasActive = true } else { wasActive = false }
-        forget(connection: connection, worker: worker, keepSlot: phase == .running && wasActive)
-        guard phase == .running, wasActive else { return [] }
         var actions: [Action] = [.startRejoinTimer(worker: worker)]
+        guard !isPower else { return actions }   // power: the worker answers again when back
         for index in open.keys.sorted() where open[index]!.dirty.contains(worker) && !open[index]!.committed.contains(worker) {
-            // Dense sums and sketches both fold rows in as they arrive (memory stays one layer's
+            // Dense sums and sketches fold rows in as they arrive (memory stays one layer's
             // state however many workers there are), so a partial contribution cannot be taken
             // out again: the layer starts over under a new attempt for everyone.
-            guard configuration.mode != .power else { continue }
-            let attempt = open[index]!.attempt + 1
-            open[index] = OpenLayer(attempt: attempt)
+            open[index]!.restart()
+            let attempt = open[index]!.attempt
+            // A shard of the old attempt still arriving elsewhere must not reach the new sum.
+            inFlight = inFlight.filter { $0.value.layer != index }
             actions.append(.restartLayer(index, attempt: attempt))
-            if let layers {
-                actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(index), name: layers[index].name, attempt: attempt)))
-            }
+            actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(index), name: open[index]!.layer.name, attempt: attempt)))
         }
         return actions
     }
@@ -323,26 +407,33 @@ public struct JobStateMachine: Sendable {
     /// The rejoin timer of a worker ran out; fails the job unless the worker is back.
     public mutating func rejoinTimedOut(worker: String, after seconds: Double) -> [Action] {
         guard phase == .running, let slot = workers[worker], slot == nil else { return [] }
-        return fail("worker '\(worker)' left and did not come back within \(Int(seconds)) s; no adapter is written from a partial sum")
+        return fail(JobError(.interrupted, "worker '\(worker)' left and did not come back within \(Int(seconds)) s; no adapter is written from a partial sum (restart the job to resume from its finished layers)"))
     }
 
-    public mutating func fail(_ reason: String) -> [Action] {
+    /// A worker reported that it cannot take part (unreadable files, bad data): no correct
+    /// adapter can follow, so the job fails at once with its reason.
+    public mutating func workerReported(on connection: ConnectionID, _ error: ErrorMessage) -> [Action] {
+        guard let worker = worker(on: connection) else { return [] }
+        return fail(JobError(.badInput, "worker '\(worker)' cannot take part: \(error.message)"))
+    }
+
+    /// What each present worker still owes the open layers (for stall warnings).
+    public func outstanding() -> [String: [String]] {
+        var owed: [String: [String]] = [:]
+        for (worker, connection) in workers where connection != nil {
+            let items = open.keys.sorted().compactMap { open[$0]!.owed(by: worker, power: isPower) }
+            if !items.isEmpty { owed[worker] = items }
+        }
+        return owed
+    }
+
+    public mutating func fail(_ error: JobError) -> [Action] {
         switch phase {
         case .finished, .failed: return []
-        default: break
+        case .gathering, .running, .finishing: break
         }
-        phase = .failed(reason)
-        return broadcast(.error(ErrorMessage(code: .jobFailed, message: reason))) + [.failJob(reason)]
-    }
-
-    private mutating func forget(connection: ConnectionID, worker: String, keepSlot: Bool) {
-        connections[connection] = nil
-        if keepSlot {
-            workers[worker] = .some(nil)
-        } else {
-            workers[worker] = nil
-            announced.remove(worker)
-        }
+        phase = .failed(error.message)
+        return broadcast(.error(ErrorMessage(code: .jobFailed, message: error.message))) + [.failJob(error)]
     }
 
     private func broadcast(_ message: WireMessage) -> [Action] {

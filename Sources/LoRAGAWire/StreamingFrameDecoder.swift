@@ -46,9 +46,12 @@ public struct StreamingFrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable
     private var frames: FrameDecoder
     /// The shard whose rows are arriving, how many of its payload bytes have, and their hash.
     private var open: (shard: Shard, received: Int, checksum: ShardChecksum)?
+    /// Closed until the peer's Hello is accepted: only a small Hello may arrive before.
+    private let gate: HandshakeGate
 
-    public init(maxFrameLength: Int = WireProtocol.defaultMaxFrameLength) {
+    public init(maxFrameLength: Int = WireProtocol.defaultMaxFrameLength, gate: HandshakeGate = HandshakeGate(open: true)) {
         frames = FrameDecoder(maxFrameLength: maxFrameLength)
+        self.gate = gate
     }
 
     public mutating func decode(buffer: inout ByteBuffer) throws(WireError) -> InboundFrame? {
@@ -67,6 +70,12 @@ public struct StreamingFrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable
             return .shardPiece(piece)
         }
         guard let (length, type) = try frames.peekFrame(buffer) else { return nil }
+        if !gate.isOpen {
+            guard length <= HandshakeGate.handshakeMaxFrameLength else {
+                throw .frameTooLarge(length: length, max: HandshakeGate.handshakeMaxFrameLength)
+            }
+            guard type == .hello else { throw .malformed(type, "only Hello may arrive before the handshake") }
+        }
         let head = WireProtocol.lengthFieldBytes + 1
         if type == .shard, var fields = buffer.getSlice(at: buffer.readerIndex + head, length: Swift.min(Shard.headerBytes, length - 1)),
            fields.readableBytes == Shard.headerBytes {

@@ -79,7 +79,15 @@ public struct WorkerClient: Sendable {
 
     public func run() async throws -> WorkerSummary {
         BLAS.configureThreads()
-        let gradients = try GradientReader(paths: options.gradientPaths)
+        let gradients: GradientReader
+        do {
+            gradients = try GradientReader(paths: options.gradientPaths)
+        } catch {
+            // The coordinator would otherwise wait out its whole gather timeout for this worker.
+            let message = "worker '\(options.id)': \(error)"
+            await report(message)
+            throw WorkerError(message: message, isFinal: true)
+        }
         gradients.logger = logger
         logger.info("worker '\(options.id)': \(gradients.files.files.count) gradient files, \(gradients.files.layers.count) layers")
         let pool = NIOThreadPool(numberOfThreads: 1)
@@ -90,6 +98,8 @@ public struct WorkerClient: Sendable {
         var deadline = ContinuousClock.now + options.connectTimeout
         var delay = Duration.milliseconds(100)
         while true {
+            // A termination signal cancels this task: stop, never retry.
+            try Task.checkCancellation()
             let channel: NIOAsyncChannel<WireMessage, WireMessage>
             do {
                 channel = try await connect()
@@ -112,11 +122,39 @@ public struct WorkerClient: Sendable {
                 logger.warning("connection to the coordinator lost; reconnecting")
             } catch let error as WorkerError where error.isFinal {
                 throw error
+            } catch where Task.isCancelled {
+                throw CancellationError()
             } catch {
                 logger.warning("connection to the coordinator failed (\(error)); reconnecting")
             }
             deadline = ContinuousClock.now + options.connectTimeout
         }
+    }
+
+    /// Tells the coordinator (after a normal handshake) why this worker cannot take part, so
+    /// the job fails at once with the reason. Best effort: a few seconds, then give up.
+    private func report(_ message: String) async {
+        let attempt = Task {
+            let channel = try await connect()
+            try await channel.executeThenClose { inbound, outbound in
+                var messages = inbound.makeAsyncIterator()
+                guard case .challenge(let challenge)? = try await messages.next() else { return }
+                let nonce = UInt64.random(in: 0...UInt64.max)
+                let proof = options.secret?.proof(challenge: challenge.nonce, workerID: options.id, sessionNonce: nonce) ?? .zero
+                try await outbound.write(.hello(Hello(protocolVersion: WireProtocol.version, workerID: options.id, sessionNonce: nonce, authProof: proof)))
+                // The coordinator accepts more than a Hello only once it has answered it.
+                guard case .jobSpec? = try await messages.next() else { return }
+                try await outbound.write(.error(ErrorMessage(code: .badData, message: message)))
+                outbound.finish()
+                while try await messages.next() != nil {}
+            }
+        }
+        let timeout = Task {
+            try? await Task.sleep(for: .seconds(5))
+            attempt.cancel()
+        }
+        _ = try? await attempt.value
+        timeout.cancel()
     }
 
     private func connect() async throws -> NIOAsyncChannel<WireMessage, WireMessage> {

@@ -95,6 +95,9 @@ struct CoordinatorCommand: AsyncParsableCommand {
             if let summaryFile {
                 try ProcessSummary(role: "coordinator", bytes: summary.bytesReceived, seconds: summary.seconds).write(to: summaryFile)
             }
+        } catch let error as JobError {
+            logger.error("\(error)")
+            throw ExitCode(error.kind.exitCode)
         } catch {
             logger.error("\(error)")
             throw ExitCode(1)
