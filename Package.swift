@@ -1,7 +1,7 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Dependencies point downward only (DESIGN.md §3):
+// Dependencies point downward only (Sources/LoRAGACoordinator/LoRAGACoordinator.docc/Architecture.md):
 // executables → LoRAGACoordinator / LoRAGAWorker → LoRAGAWire, LoRAGAFormats → LoRAGACore → C modules.
 let package = Package(
     name: "lora-ga",
@@ -87,6 +87,15 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        // Scripts/bench's machine measurements; not a product (users never need it).
+        .executableTarget(
+            name: "lora-ga-bench",
+            dependencies: [
+                "LoRAGACore", "COpenBLAS",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Sources/LoraGABench"
         ),
         .testTarget(name: "LoRAGACoreTests", dependencies: ["LoRAGACore"]),
         .testTarget(name: "LoRAGAFormatsTests", dependencies: ["LoRAGAFormats"]),

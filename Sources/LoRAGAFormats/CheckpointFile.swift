@@ -49,7 +49,7 @@ public struct CheckpointFile: Sendable, Equatable {
     public var mode: String
     /// Leading singular values of the summed gradient, largest first.
     public var singularValues: [Double]
-    /// Estimated fidelity ratio (DESIGN.md §1, optimum 1.0), when it was computed.
+    /// Estimated fidelity ratio (LoRA-GA's objective, optimum 1.0), when it was computed.
     public var fidelity: Double?
     /// `lora_A`, [rank, inFeatures] row-major.
     public var loraA: [Float]

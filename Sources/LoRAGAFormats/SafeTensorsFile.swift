@@ -25,7 +25,7 @@ public final class SafeTensorsFile {
     public let dataSectionOffset: Int
 
     /// Upper bound on the staging buffer: larger requests are converted in chunks that stay
-    /// in L2 between the read and the conversion (512 KB: as fast as 4 MB chunks, 1/8 the memory).
+    /// in L2 between the read and the conversion (as fast as larger chunks, for less memory).
     static let stagingLimit = 512 << 10
 
     private let file: PosixFile

@@ -6,8 +6,8 @@ import NIOCore
 /// decoder would refuse. A shard's rows and a power matrix are not copied into the frame:
 /// a small buffer with the length, type byte and fields goes first and the bulk buffer
 /// after it, and NIO gathers the two into one `writev` — or, for a shard whose rows are a
-/// file's bytes (``Shard/payloadFile``), sends them with `sendfile`. (A `MessageToByteHandler`
-/// copied every shard into its own buffer: 7 % of a worker's CPU in `dense`, measured with perf.)
+/// file's bytes (``Shard/payloadFile``), sends them with `sendfile`. A `MessageToByteHandler`
+/// would copy every shard into its own buffer.
 public final class FrameWriter: ChannelOutboundHandler, RemovableChannelHandler {
     public typealias OutboundIn = WireMessage
     public typealias OutboundOut = IOData

@@ -13,13 +13,10 @@ import NIOCore
 /// each, in send order, see ``addShard(_:)``). Both ends feed the same bytes, in any
 /// chunking.
 ///
-/// Why XXH3 and not XXH64 (what protocol version 2 used): every byte of a dense job is hashed twice,
-/// by the worker that reads it and by the coordinator that receives it, and on 2 shared cores
-/// those hashes were the largest single item of a 4-worker ingest (`perf`: 11 % of all
-/// samples). XXH64 makes two dependent 64-bit multiplies per 8 bytes; XXH3's 64-byte stripes
-/// are eight independent 32×32→64-bit products, which a portable SSE2 build does two at a
-/// time (`pmuludq`). On the 2-core EPYC VM (Zen 4), both loops over 180 MB: 14 GB/s for XXH64,
-/// 30 for this one.
+/// Why XXH3 and not XXH64: every byte of a dense job is hashed twice, by the worker that
+/// reads it and by the coordinator that receives it. XXH64 makes two dependent 64-bit
+/// multiplies per 8 bytes; XXH3's 64-byte stripes are eight independent 32×32→64-bit
+/// products, which a portable SSE2 build does two at a time (`pmuludq`), about twice as fast.
 ///
 /// One more step than the reference: within a 1 KB block XXH3 only adds into its eight
 /// accumulators (`acc[i] += lo32(d^k)·hi32(d^k)`, `acc[i^1] += d`), so the products and the

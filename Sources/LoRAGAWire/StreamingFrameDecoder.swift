@@ -32,14 +32,13 @@ public struct ShardPiece: Sendable, Equatable {
 }
 
 /// ``FrameDecoder`` for the coordinator: an uncompressed shard is passed on in pieces, each
-/// a slice of the bytes as received, instead of being assembled into one 4 MB frame first.
-/// `ByteToMessageHandler` assembles a frame by copying every received chunk into it: with
-/// perf, 35 % of the coordinator's network threads and 0.22 s per GB ingested. Every other
-/// frame (compressed shards too) is decoded whole, with the same checks and bounds.
+/// a slice of the bytes as received, instead of being assembled into one 4 MB frame first
+/// (`ByteToMessageHandler` assembles a frame by copying every received chunk into it). Every
+/// other frame (compressed shards too) is decoded whole, with the same checks and bounds.
 ///
-/// Each piece is hashed here, on the thread that has just read it from the socket (the bytes
-/// are in that core's cache); hashed later on the engine's thread, the same bytes came from
-/// memory at half the speed (perf, with xxHash64: 4–5 GB/s there, 10–11 GB/s hot).
+/// Each piece is hashed here, on the thread that has just read it from the socket, while the
+/// bytes are in that core's cache; hashed later on the engine's thread they would come from
+/// memory at half the speed.
 public struct StreamingFrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable {
     public typealias InboundOut = InboundFrame
 

@@ -16,7 +16,7 @@ struct LoraGA: ParsableCommand {
               lora-ga init --rank 8 --out adapter/ grads/worker0 grads/worker1
               lora-ga verify --adapter adapter/ grads/worker0 grads/worker1
             """,
-        subcommands: [InitCommand.self, LocalCommand.self, VerifyCommand.self, InspectCommand.self, ExportCommand.self, SynthCommand.self, BenchCommand.self])
+        subcommands: [InitCommand.self, LocalCommand.self, VerifyCommand.self, InspectCommand.self, ExportCommand.self, SynthCommand.self])
 
     static func main() {
         var command: any ParsableCommand

@@ -119,10 +119,26 @@ import Testing
         let full = try g.singularValueDecomposition()
         let svd = TruncatedSVD(u: full.u.columns(0..<8), s: Array(full.s.prefix(8)), vt: full.vt.rows(0..<8))
         #expect(abs(try ratio(svd, g, rank: 4) - 1) < 1e-3)
-        // Swapping which directions go where makes it worse, never better.
-        var swapped = svd
-        swapped.u = Matrix.product(g, full.vt.rows(0..<8), transposeB: true)   // unnormalized but same span
-        #expect(try ratio(swapped, g, rank: 4) >= 0.999)
+    }
+
+    /// B must take the r-th..2r-th left directions when A takes the top r right ones: with B on
+    /// the top r as well, P_B G P_A = G_r is counted twice and ‖G − G_r‖ is left, so the residual
+    /// is √(‖G − G_r‖² + ‖G_r‖²) instead of ‖G − G_2r‖.
+    @Test func fidelityOfSwappedDirectionsIsTheirResidualOverTheOptimum() throws {
+        let g = try PlantedGradient(rows: 90, cols: 70, plantedRank: 70, decay: 0.8, seed: 4).rows(0..<90)
+        let full = try g.singularValueDecomposition()
+        let rank = 4
+        // U with its columns r..<2r replaced by 0..<r: B = U[:, 0:r] alongside A = Vᵀ[0:r].
+        var u = full.u.columns(0..<(2 * rank))
+        for i in 0..<u.rows { for j in rank..<(2 * rank) { u[i, j] = full.u[i, j - rank] } }
+        let swapped = TruncatedSVD(u: u, s: Array(full.s.prefix(2 * rank)), vt: full.vt.rows(0..<(2 * rank)))
+        let s = try g.exactSingularValues()
+        let squares = s.map { $0 * $0 }
+        let top = squares.prefix(rank).reduce(0, +)
+        let expected = (squares.dropFirst(rank).reduce(0, +) + top).squareRoot() / squares.dropFirst(2 * rank).reduce(0, +).squareRoot()
+        #expect(expected > 1.5, "the planted spectrum makes the swap clearly worse")
+        let measured = try ratio(swapped, g, rank: rank)
+        #expect(abs(measured - expected) <= 1e-3 * expected, "ratio \(measured), expected \(expected)")
     }
 
     @Test func streamingFidelityMatchesTheDirectResidual() throws {

@@ -3,7 +3,7 @@ import LoRAGAFormats
 
 struct ZstdCodecTests {
     @Test func roundTripOfShuffledFloats() throws {
-        // Real gradients: where shuffling was measured to pay (1.19× vs 1.08× at level 1).
+        // Real gradients, where byte shuffling pays off.
         let floats = try SafeTensorsFile(path: fixturePath("w0/grads.safetensors"))
             .readAll("encoder.layer.0.attention.self.query.weight")
         let shuffled = floats.withUnsafeBytes { ByteShuffle.shuffle($0, elementSize: 4) }

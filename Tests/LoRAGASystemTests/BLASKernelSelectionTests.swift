@@ -6,11 +6,11 @@ import Testing
 /// falls back to generic ones (OpenBLAS 0.3.21 on Sapphire/Emerald Rapids: 4–5× slower GEMMs).
 @Suite struct BLASKernelSelectionTests {
     func machineReport(environment: [String: String]) throws -> [String: Any] {
-        let binary = FaultDrillTests.binaries.appendingPathComponent("lora-ga").path
+        let binary = FaultDrillTests.binaries.appendingPathComponent("lora-ga-bench").path
         try #require(FileManager.default.isExecutableFile(atPath: binary), "build the executables first (swift build): \(binary) is missing")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["bench", "machine", "--shapes", "64x64", "--k", "8", "--seconds", "0.01", "--loopback-mib", "0"]
+        process.arguments = ["machine", "--shapes", "64x64", "--k", "8", "--seconds", "0.01", "--loopback-mib", "0"]
         process.environment = ProcessInfo.processInfo.environment.filter { $0.key != "OPENBLAS_CORETYPE" }.merging(environment) { $1 }
         let output = Pipe()
         process.standardOutput = output
@@ -43,9 +43,9 @@ import Testing
         #expect((report["environment"] as? [String: String])?["OPENBLAS_CORETYPE"] == "Prescott")
     }
 
-    /// Runs `lora-ga` with `arguments` (OPENBLAS_CORETYPE unset); its exit status and stderr.
-    func stderr(of arguments: [String]) throws -> (status: Int32, text: String) {
-        let binary = FaultDrillTests.binaries.appendingPathComponent("lora-ga").path
+    /// Runs `executable` with `arguments` (OPENBLAS_CORETYPE unset); its exit status and stderr.
+    func stderr(of arguments: [String], executable: String = "lora-ga") throws -> (status: Int32, text: String) {
+        let binary = FaultDrillTests.binaries.appendingPathComponent(executable).path
         try #require(FileManager.default.isExecutableFile(atPath: binary), "build the executables first (swift build): \(binary) is missing")
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
@@ -63,13 +63,15 @@ import Testing
     @Test("--help says nothing about BLAS kernels, where a real command would")
     func helpIsQuiet() throws {
         let note = "set OPENBLAS_CORETYPE to choose yourself"
-        let machine = try stderr(of: ["bench", "machine", "--shapes", "64x64", "--k", "8", "--seconds", "0.01", "--loopback-mib", "0"])
+        let machine = try stderr(of: ["machine", "--shapes", "64x64", "--k", "8", "--seconds", "0.01", "--loopback-mib", "0"], executable: "lora-ga-bench")
         #expect(machine.status == 0)
         for arguments in [["--help"], ["local", "--help"], ["help", "init"]] {
             let help = try stderr(of: arguments)
             #expect(help.status == 0, "\(arguments)")
             #expect(!help.text.contains(note), "\(arguments): \(help.text)")
         }
+        let benchHelp = try stderr(of: ["machine", "--help"], executable: "lora-ga-bench")
+        #expect(benchHelp.status == 0 && !benchHelp.text.contains(note), "\(benchHelp.text)")
         // Where OpenBLAS picks vector kernels itself there is no note to leave out.
         if try machineReport(environment: [:])["openblas_core_chosen_by_openblas"] != nil {
             #expect(machine.text.contains(note))
@@ -111,7 +113,7 @@ import Testing
 
     @Test("setting the BLAS thread count before work (init, workers, verify, bench) keeps the stopped helpers stopped")
     func helperThreadsStayStopped() throws {
-        // `bench machine` calls BLAS.configureThreads like the others, then reports OpenBLAS's
+        // `lora-ga-bench machine` calls BLAS.configureThreads like the others, then reports OpenBLAS's
         // own pool state. OpenBLAS 0.3.21 restarts the pool in any openblas_set_num_threads
         // after a shutdown, and the new helper spun on sched_yield for the whole run.
         let report = try machineReport(environment: [:])

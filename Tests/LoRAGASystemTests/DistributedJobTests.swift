@@ -97,9 +97,22 @@ import LoRAGAWorker
         _ = try LocalJob(files: GradientFileSet(paths: Fixtures.minilmWorkers), settings: JobSettings(lora: LoRAConfiguration(rank: 8, alpha: 16), mode: mode), outputDirectory: local).run()
         for (a, b) in zip(distributed, try verify(local)) { #expect(abs(a.ratio - b.ratio) < 1e-3, "\(a.name)") }
         if mode == .power {
-            // Power mode sends (out+in)·k per round instead of the layer.
-            let sent = run.workers.compactMap { try? $0.get() }.map(\.bytesSent)
-            #expect(sent.allSatisfy { $0 > 0 })
+            // Power mode: each worker sends one F32 product per pass and layer — G·X (out×k) on
+            // range passes, Gᵀ·X (in×k) on co-range passes — and never its gradient.
+            let parameters = JobSettings(lora: LoRAConfiguration(rank: 8, alpha: 16), mode: .power).randomizedSVD
+            let layers = try GradientFileSet(paths: Fixtures.minilmWorkers).layers
+            let rangePasses = (parameters.passes + 1) / 2, coRangePasses = parameters.passes / 2
+            let expectedBytes = layers.reduce(0) { total, layer in
+                total + 4 * parameters.sketchWidth(rows: layer.rows, cols: layer.cols) * (rangePasses * layer.rows + coRangePasses * layer.cols)
+            }
+            let layerBytes = layers.reduce(0) { $0 + 4 * $1.rows * $1.cols }
+            #expect(expectedBytes < layerBytes / 2, "the fixture's layers are large enough for the comparison to mean something")
+            for result in run.workers {
+                let summary = try result.get()
+                #expect(summary.bytesSent == expectedBytes, "sent \(summary.bytesSent) bytes of products, expected \(expectedBytes)")
+                #expect(summary.powerReplies == layers.count * parameters.passes)
+                #expect(summary.layersSent == 0, "no layer's rows are sent in power mode")
+            }
         }
     }
 
@@ -159,7 +172,10 @@ import LoRAGAWorker
         #expect(run.summary.layers == 12)
         for result in try verify(out) { #expect(result.ratio <= 1.01) }
         let log = await refusals.entries
-        #expect(log["garbage"]?.contains("closed") == true, "\(log)")
+        // The coordinator greets every connection with a Challenge, then refuses the 1 GiB frame
+        // from its length field alone (before the handshake only a small Hello may arrive) —
+        // before allocating or waiting for the bytes — and hangs up.
+        #expect(log["garbage"] == "Challenge, error(badData: protocol error: frame of 1073741824 bytes exceeds the limit of \(HandshakeGate.handshakeMaxFrameLength) bytes), closed by the coordinator", "\(log)")
         #expect(log["w0"]?.contains("'w0' is already connected") == true, "\(log)")
     }
 
@@ -244,24 +260,43 @@ import LoRAGAWorker
         func record(_ key: String, _ value: String) { entries[key] = value }
     }
 
-    /// Connects, sends a frame header announcing 1 GiB plus noise, and reports how the coordinator answered.
+    /// Connects, sends a frame header announcing 1 GiB plus noise, and reports the frames the
+    /// coordinator answered with and who closed the connection (after 20 s of silence: we did).
     static func sendGarbage(port: Int) async -> String {
         do {
             let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
                 .connect(host: "127.0.0.1", port: port) { channel in
                     channel.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel) }
                 }
+            let gaveUp = Gate()
+            let watchdog = Task {
+                try await Task.sleep(for: .seconds(20))
+                await gaveUp.open()
+                try await channel.channel.close()
+            }
+            defer { watchdog.cancel() }
             return try await channel.executeThenClose { inbound, outbound in
                 var bytes = ByteBuffer()
                 bytes.writeInteger(UInt32(1 << 30), endianness: .little)
                 bytes.writeBytes([UInt8](repeating: 0xAB, count: 64))
                 try await outbound.write(bytes)
-                var received = 0
-                for try await chunk in inbound { received += chunk.readableBytes }
-                return "closed after \(received) bytes"
+                var received = ByteBuffer()
+                for try await chunk in inbound { received.writeImmutableBuffer(chunk) }
+                var decoder = FrameDecoder()
+                var frames: [String] = []
+                while let message = try decoder.decode(buffer: &received) {
+                    if case .error(let error) = message {
+                        frames.append("error(\(error.code): \(error.message))")
+                    } else {
+                        frames.append("\(message.type)")
+                    }
+                }
+                if received.readableBytes > 0 { frames.append("\(received.readableBytes) stray bytes") }
+                let closer = await gaveUp.isOpen ? "closed by us after 20 s" : "closed by the coordinator"
+                return (frames + [closer]).joined(separator: ", ")
             }
         } catch {
-            return "closed with \(error)"
+            return "failed: \(error)"
         }
     }
 }

@@ -14,16 +14,15 @@ public struct LayerAccumulator: Sendable {
     private var writtenRows = 0
     /// Dense: rows whose pages are mapped. A fresh sum maps its pages a few MB ahead of the
     /// rows written (`populateBytes` at a time, one `madvise(MADV_POPULATE_WRITE)` each)
-    /// rather than all at once when it is made: `lora-ga init` reads and sums the next block on
-    /// a helper thread meanwhile, where mapping 940 MB up front (8192×28672) left that core
-    /// idle for 0.3–1.4 s on this project's VMs (`perf`: `clear_page_erms` 36 % of a slow run).
+    /// rather than all at once when it is made, so the mapping overlaps with `lora-ga init`
+    /// reading the next block on its helper thread instead of stalling before the first row.
     private var populatedRows = 0
     static let populateBytes = 16 << 20
 
     /// `reusing`: a finished layer's sum (``takeStorage()``) of exactly rows × cols floats,
-    /// used in place of fresh memory without being cleared (see `writtenRows`). A fresh sum
-    /// of a large layer costs its page faults and the kernel's zeroing (~0.5 s per GB on this
-    /// project's VMs). Pass it consumed (the only reference), or the first add copies it.
+    /// used in place of fresh memory without being cleared (see `writtenRows`), which saves a
+    /// large layer's page faults and zeroing. Pass it consumed (the only reference), or the
+    /// first add copies it.
     public init(name: String, rows: Int, cols: Int, settings: JobSettings, reusing spare: consuming [Float]? = nil) throws {
         self.name = name
         self.rows = rows
@@ -140,7 +139,7 @@ public struct LayerAccumulator: Sendable {
 }
 
 /// The residual against ‖G‖² − Σ ŝ², the tail implied by the singular values found.
-/// One pass gives the residual in expanded form (DESIGN.md §1); a second pass sums it
+/// One pass gives the residual in expanded form (``FidelityAccumulator``); a second pass sums it
 /// directly only where the expansion cancels (`FidelityAccumulator.expansionIsInaccurate`),
 /// which heavy-tailed real gradients do not need (MiniLM: estimates within 2e-6 of the direct
 /// pass). For a dense layer the direct pass cost as much again as the first (a copy and two

@@ -8,9 +8,8 @@ import Glibc
 ///
 /// OpenBLAS built with DYNAMIC_ARCH (Debian's) picks a kernel set when it loads, from the
 /// CPU model. A release that does not know the model falls back to a generic SSE3 set:
-/// OpenBLAS 0.3.21 (Debian 12) picks "Prescott" on Sapphire/Emerald Rapids Xeons, and its
-/// sgemm then runs at 12–25 GFLOP/s instead of 60–100 (measured on a 2-core Xeon, model 207,
-/// `lora-ga bench machine` with and without OPENBLAS_CORETYPE=SkylakeX). `selectForThisCPU`
+/// OpenBLAS 0.3.21 (Debian 12) picks "Prescott" on Sapphire/Emerald Rapids Xeons, whose sgemm
+/// is several times slower than the AVX-512 kernels the CPU can run. `selectForThisCPU`
 /// notices such a fallback on a CPU with AVX2/AVX-512 and switches to the matching kernel set
 /// through OpenBLAS's own re-initialization entry points.
 public enum BLASKernels {

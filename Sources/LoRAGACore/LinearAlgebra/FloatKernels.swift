@@ -4,8 +4,8 @@
 ///
 /// The NaN/Inf test: a float is NaN or ±Inf exactly when its exponent bits are all ones.
 /// Comparing the masked exponent for equality and OR-ing the lane masks needs only SSE2
-/// (the baseline these files are compiled for); a running max of the exponent needs SSE4.1
-/// and, without it, ran at half the speed (11.5 vs 25 GB/s on 256 KB in cache, 2-core Xeon).
+/// (the baseline these files are compiled for); a running max of the exponent would need
+/// SSE4.1 and runs at half the speed without it.
 public enum FloatKernels {
     @usableFromInline static let lanes = 16
     @usableFromInline static let exponentBits: UInt32 = 0x7F80_0000

@@ -11,8 +11,7 @@ public enum BLAS {
     ///
     /// Only when the count changes: OpenBLAS 0.3.21 restarts its thread pool in any
     /// `openblas_set_num_threads` after `stopHelperThreads` shut it down, and the new helper
-    /// spun on sched_yield for the whole run (`lora-ga init` on 4096×11008: 6000–9000 calls,
-    /// +0.1 s of system time, wall 0.30–0.39 s against 0.25–0.34 without it, 5 runs each).
+    /// spins on sched_yield for the whole run.
     public static func configureThreads() {
         var count: Int32 = 1
         if let text = getenvString("OPENBLAS_NUM_THREADS"), let asked = Int32(text), asked > 0 { count = asked }
@@ -43,11 +42,9 @@ public enum BLAS {
     }
 
     /// OpenBLAS starts (cores − 1) helper threads when it loads, before `configureThreads`
-    /// can ask for one, and each spins on sched_yield for ~0.1 s before it sleeps. Six lora-ga
-    /// processes on 2 cores (`lora-ga local --workers 4`, one 4096×11008 dense layer) lost
-    /// a tenth of their ingest to that: 0.93–1.0 GB/s with the helpers, 1.01–1.20 without
-    /// (6 runs), worker CPU 0.21 → 0.16 s. Unless the user asked for more threads, this stops
-    /// them and sets OPENBLAS_NUM_THREADS=1 for child processes, whose OpenBLAS then starts
+    /// can ask for one, and each spins on sched_yield after every call before it sleeps, which
+    /// several lora-ga processes on few cores feel. Unless the user asked for more threads, this
+    /// stops them and sets OPENBLAS_NUM_THREADS=1 for child processes, whose OpenBLAS then starts
     /// none. Call first thing in an executable, before any BLAS call.
     public static func stopHelperThreads() {
         guard getenvString("OPENBLAS_NUM_THREADS") == nil else { return }

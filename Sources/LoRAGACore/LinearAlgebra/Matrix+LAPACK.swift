@@ -24,9 +24,8 @@ extension Matrix {
     /// nearly dependent, which power iterations need (Halko et al. §4.5).
     ///
     /// LAPACK is column-major, so the row-major buffer is transposed first: sgeqrf then walks
-    /// contiguous columns. The LQ of the buffer as it stands needs no copies but walks every
-    /// reflector with a stride of `cols` floats, and ran 2.6× slower (28672×112: 0.33 s against
-    /// 0.13 s, one OpenBLAS thread) — two power-mode passes' worth of QRs on an 8192×28672 layer.
+    /// contiguous columns. The LQ of the buffer as it stands would need no copies but walks
+    /// every reflector with a stride of `cols` floats, which is several times slower.
     public func orthonormalizedColumns() throws -> Matrix {
         precondition(rows >= cols, "orthonormalizedColumns needs rows ≥ cols, got \(rows)×\(cols)")
         guard cols > 0 else { return self }
@@ -72,7 +71,7 @@ extension Matrix {
         }
         if rows > cols {
             // A tall row-major buffer is a wide column-major one, whose sgesdd starts with a
-            // strided LQ (8192×112: 0.09 s); the transpose's is contiguous (0.045 s).
+            // strided LQ; the transpose's is contiguous, and faster.
             // Aᵀ = U' S V'ᵀ ⇔ A = V' S U'ᵀ.
             let ofTranspose = try transposed().singularValueDecomposition()
             return SVDResult(u: ofTranspose.vt.transposed(), s: ofTranspose.s, vt: ofTranspose.u.transposed())

@@ -155,29 +155,10 @@ public struct RowBlock {
 
 extension RowBlock {
     /// Rows per block for the products G_b·P and Gᵀ_b·Y_b with k = `productWidth` columns.
-    /// Every block call re-reads the cols × k operands (BLAS packs P; Z = Σ Gᵀ_b Y_b is read
-    /// and written), so their traffic per block row is k/rows of the block's own. While they
-    /// stay in the last-level cache (cols·k floats ≤ 8 MiB of its 32) that traffic is cheap
-    /// and small blocks cost nothing; beyond it they stream from memory and bigger blocks pay.
-    /// Measured with `lora-ga init` (2-core EPYC, 1 OpenBLAS thread, power mode):
-    ///
-    /// | layer, r (k)            | 64 rows        | 128 rows        | 256 rows        |
-    /// |-------------------------|----------------|-----------------|-----------------|
-    /// | 4096×11008, r=32 (112)  | 0.82 s, 55 MB  | 0.83 s, 61 MB   | 0.80 s, 72 MB   |
-    /// | 8192×28672, r=8 (32)    | 1.33 s, 56 MB  | 1.42 s, 70 MB   | 1.37 s, 101 MB  |
-    /// | 8192×28672, r=32 (112)  | 3.95 s, 97 MB  | 3.70 s, 111 MB  | 3.48 s, 140 MB  |
-    ///
-    /// (two workers on 8192×28672 r=32: 5.73 s at 128 rows, 5.16 s at 256). Where blocks are
-    /// read from files, two are live at once (one in use, one being read): 2·4·cols bytes a row.
-    /// Sketch mode asks for `SingleViewSketch.minimumBlockRows` (256): its co-range product
-    /// Υ_b G_b has the block's rows as inner dimension (4096×11008 r=8: 1.07 s at 64 rows,
-    /// 0.99 s at 128); its k is that of Ω and Ξᵀ together, both packed for every block
-    /// (`SingleViewSketch.blockProductWidth`). On the 2-core Xeon, the fold's three products
-    /// on 4096² at k = 160 (r = 8) in C against OpenBLAS, three runs: 70.7–78.2 GFLOP/s at 64
-    /// rows, 73.4–83.6 at 128, 77.8–88.8 at 256, 79.9–90.8 at 512; `lora-ga init --mode sketch`
-    /// on 4096² r=8, 10 alternating runs each: 0.263 s in its GEMMs at 256 rows, 0.291 s at 128.
-    /// 4096×11008 r=8 took 256 rows already (8 alternating runs: GEMM time median 0.69 s
-    /// against 0.76 s at 128).
+    /// Every block call re-reads the cols × k operands, so while they fit the last-level cache
+    /// (≤ 8 MiB) small blocks cost nothing and save memory; beyond it bigger blocks amortize
+    /// the traffic. Sketch mode passes a larger `minimumRows`: its co-range product has the
+    /// block's rows as inner dimension. Measurements: Scripts/bench-results/README.md.
     public static func rowsPerProductBlock(cols: Int, productWidth k: Int, minimumRows: Int = 64) -> Int {
         let operandBytes = 4 * cols * Swift.max(1, k)
         let rows = operandBytes <= 8 << 20 ? minimumRows : Swift.max(minimumRows, 256)

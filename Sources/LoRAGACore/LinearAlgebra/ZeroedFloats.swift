@@ -17,7 +17,7 @@ enum ZeroedFloats {
             if let base = buffer.baseAddress {
                 populate(UnsafeMutableRawPointer(base), byteCount: count * MemoryLayout<Float>.stride)
                 // Populated pages of a fresh mapping are already zero, but malloc may hand back
-                // reused memory: zero it anyway, now without faults (~25 GB/s).
+                // reused memory: zero it anyway, now without faults.
                 base.initialize(repeating: 0, count: count)
             }
             initialized = count   // Float is trivial: any bit pattern is a valid value

@@ -1,4 +1,4 @@
-/// LoRA-GA's objective as a number (DESIGN.md §1):
+/// LoRA-GA's objective as a number (LoRAGACore.docc, "Fidelity: the ratio"):
 ///
 ///     ratio = ‖P_B G + G P_A − G‖_F / ‖G − G_2r‖_F        (optimum 1.0)
 ///

@@ -48,7 +48,8 @@ public struct Hello: WireMessageBody {
     }
 }
 
-/// Type 2, coordinator → worker: a fresh random nonce for the (later) HMAC proof.
+/// Type 2, coordinator → worker, first on every connection: a fresh random nonce that the
+/// worker's `Hello.authProof` answers (``JobSecret``), so a recorded Hello is useless elsewhere.
 public struct Challenge: WireMessageBody {
     public static let messageType = WireMessageType.challenge
 

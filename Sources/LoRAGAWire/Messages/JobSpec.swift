@@ -1,6 +1,6 @@
 import NIOCore
 
-/// How the coordinator reduces a layer's gradient (DESIGN.md §2).
+/// How the coordinator reduces a layer's gradient (the wire code of `SVDMode`).
 public enum WireJobMode: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     /// Coordinator sums the whole layer, then runs a randomized SVD.
     case dense = 0

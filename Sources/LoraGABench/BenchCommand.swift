@@ -6,12 +6,33 @@ import LoRAGACore
 import Glibc
 #endif
 
-/// `lora-ga bench …`: measurements Scripts/bench compares lora-ga's own runs against.
+/// `lora-ga-bench …`: measurements of this machine that Scripts/bench compares lora-ga's own
+/// runs against. A separate executable, so the product CLI carries no benchmark code.
+@main
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench",
+        commandName: "lora-ga-bench",
         abstract: "Measure this machine's limits for Scripts/bench.",
         subcommands: [Machine.self])
+
+    static func main() {
+        var command: any ParsableCommand
+        do {
+            command = try parseAsRoot()
+        } catch {
+            exit(withError: error)
+        }
+        // The same OpenBLAS set-up as the lora-ga executables, before any BLAS call, so the
+        // figures describe the kernels and threads they run with.
+        if !String(reflecting: type(of: command)).hasPrefix("ArgumentParser."), let note = BLAS.setUpForThisProcess() {
+            log("lora-ga-bench: \(note)")
+        }
+        do {
+            try command.run()
+        } catch {
+            exit(withError: error)
+        }
+    }
 
     struct Machine: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -25,7 +46,7 @@ struct BenchCommand: ParsableCommand {
                 pair of threads moving --loopback-mib MiB over 127.0.0.1 in --chunk-mib writes. \
                 Prints one JSON object on stdout and a readable table on stderr.
 
-                Example: lora-ga bench machine --shapes 4096x11008 8192x28672 --k 32 128 --seconds 1
+                Example: lora-ga-bench machine --shapes 4096x11008 8192x28672 --k 32 128 --seconds 1
                 """)
 
         @Option(parsing: .upToNextOption, help: "Layer shapes OUTxIN to time GEMMs on.")
@@ -184,7 +205,7 @@ struct BenchCommand: ParsableCommand {
     }
 }
 
-/// What `lora-ga bench machine` prints (snake_case keys, for Scripts/bench).
+/// What `lora-ga-bench machine` prints (snake_case keys, for Scripts/bench).
 struct MachineReport: Encodable {
     struct GEMM: Encodable {
         var shape: String
@@ -248,4 +269,9 @@ private extension Matrix {
         }
         return matrix
     }
+}
+
+/// Progress and diagnostics go to stderr so stdout stays parseable.
+func log(_ line: String) {
+    FileHandle.standardError.write(Data((line + "\n").utf8))
 }
