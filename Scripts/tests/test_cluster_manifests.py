@@ -362,7 +362,7 @@ def template_flags(block_start: str, block_end: str) -> set[str]:
 def test_slurm_template_flags_are_ones_the_executables_accept():
     coord = template_flags("COORD_ARGS=(", "\n\n")
     coord |= template_flags('COORD_ARGS+=(', ";")
-    worker = template_flags('exec "$0"', "\n")
+    worker = template_flags('"$0" --connect', "\n")
     worker |= template_flags('grads=(--grads', ")")
     assert {"--listen", "--port-file", "--workers", "--out", "--secret-file"} <= coord
     assert {"--connect", "--grads", "--id", "--secret-file"} <= worker
