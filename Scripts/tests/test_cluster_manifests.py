@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -403,6 +404,8 @@ def test_runtime_image_provides_the_libraries_the_executables_load():
     """Every shared library the built executables need, apart from the Swift runtime the
     image links statically, comes from a Debian package the runtime stage installs or
     that debian:bookworm-slim already has (this host is Debian 12 as well)."""
+    if shutil.which("dpkg") is None or not Path("/etc/debian_version").exists():
+        pytest.skip("needs a Debian host to map libraries to the runtime image's packages")
     slim_has = {"libc6", "libgcc-s1", "libstdc++6", "zlib1g"}
     runtime = DOCKERFILE.read_text().split("\nFROM ${RUNTIME_IMAGE}", 1)[1]
     installed = set(re.findall(r"\b(lib[a-z0-9.+-]+)\b", runtime))
