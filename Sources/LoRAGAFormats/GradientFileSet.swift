@@ -270,6 +270,12 @@ public struct SummedRowBlocks: RowBlockSource, LayerBlockSource {
     /// overlapping it span. Their embeddings add up to the summed layer, so products over them
     /// (`blockProduct`, `blockTransposedProduct`) cost what the share costs, not the whole layer.
     public mutating func forEachBlock(_ body: (LayerBlock) throws -> Void) throws {
+        // Whole layers (and full-width row blocks covering every row): the row-block path as is.
+        let fullWidth = contributions.allSatisfy { $0.region.cols == 0..<layer.cols }
+        if fullWidth, LayerCoverage.union(contributions.map(\.region.rows)) == [0..<layer.rows] {
+            try forEachRowBlock { try body(LayerBlock($0)) }
+            return
+        }
         var stripes: [LayerRegion] = []
         for covered in LayerCoverage.union(contributions.map(\.region.rows)) {
             for start in stride(from: covered.lowerBound, to: covered.upperBound, by: blockRows) {
