@@ -182,6 +182,12 @@ import LoRAGACoordinator
         try writeBlock(dir + "/b.safetensors", shape: [4, 4], metadata: nil)
         let message = refusal([dir])
         #expect(message.contains("y.weight") && message.contains("missing from \(dir)/b.safetensors"), "\(message)")
+        // A sharded recording says so with the key, even empty: then a file may lack a layer
+        // another file covers, and coverage is the check.
+        try writeBlock(dir + "/b.safetensors", shape: [4, 4], metadata: "{}")
+        let set = try GradientFileSet(paths: [dir])
+        #expect(set.hasBlocks && set.layers.map(\.name) == ["x.weight", "y.weight"])
+        #expect(set.contributions(of: set.layers[1]).count == 1)
     }
 
     // MARK: - Real gradients
