@@ -551,7 +551,7 @@ final class GradientReader: @unchecked Sendable {
     private static let hashedPieceBytes = 256 << 10
 
     /// G_w · X or G_wᵀ · X for a power-iteration request on `layer`, full size (the reply's
-    /// wire shape), computed from this worker's blocks only (``product(_:with:layer:)``).
+    /// wire shape), computed from this worker's blocks only (``rangeProduct(with:layer:)``, ``coRangeProduct(with:layer:)``).
     func answer(_ request: PowerRequest, layer: GradientLayer) throws -> PowerReply {
         let x = Matrix(rows: Int(request.matrixRows), cols: Int(request.matrixCols), storage: request.values)
         let product = switch request.side {
