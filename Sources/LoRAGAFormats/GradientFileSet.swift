@@ -30,18 +30,35 @@ public struct GradientSetError: Error, CustomStringConvertible {
     public var description: String { problem }
 }
 
+/// What to do with entries of a layer that no gradient file covers (blocks leave a hole).
+public enum UncoveredEntries: Sendable {
+    /// An error naming the layer and the uncovered rectangles (the default: a missing shard
+    /// is far more likely than a gradient that is truly zero there).
+    case refused
+    /// They count as zeros (`--allow-uncovered`; and a worker, which holds its share only).
+    case zero
+}
+
 /// Every safetensors file under the given paths, each one worker's or one micro-batch's
-/// gradient. Tensors with the same name across files are summed; the layers are the 2-D
-/// float tensors (matching an optional pattern) that every file holds with one shape and dtype.
+/// gradient, or one training rank's blocks. Tensors with the same name across files add, each
+/// at its place: a tensor listed in the file's `lora_ga.blocks` metadata is a block of its layer
+/// (``GradientBlocks``), any other is a whole layer. The layers are the 2-D float tensors
+/// (matching an optional pattern); every contribution to a layer agrees on its full shape and
+/// dtype. Without blocks, every file must hold every layer; with blocks, every entry of every
+/// layer must be covered by some contribution (unless `uncovered` is `.zero`).
 public final class GradientFileSet {
     public let files: [SafeTensorsFile]
     /// Layers in a stable order: sorted by name.
     public let layers: [GradientLayer]
+    /// True when some file declares blocks (`lora_ga.blocks`).
+    public let hasBlocks: Bool
+    private let contributionsByLayer: [String: [GradientContribution]]
 
     /// - Parameters:
     ///   - paths: files, or directories searched recursively for `*.safetensors`.
     ///   - target: keep only layers whose name matches (a regular expression, searched anywhere in the name).
-    public init(paths: [String], target: String? = nil) throws {
+    ///   - uncovered: whether entries no block covers are an error or zeros.
+    public init(paths: [String], target: String? = nil, uncovered: UncoveredEntries = .refused) throws {
         let filePaths = try GradientFileSet.expand(paths)
         guard !filePaths.isEmpty else {
             throw GradientSetError("no .safetensors files found under \(paths.joined(separator: ", "))")
@@ -59,33 +76,76 @@ public final class GradientFileSet {
             guard let pattern else { return true }
             return pattern.firstMatch(in: info.name, range: NSRange(info.name.startIndex..., in: info.name)) != nil
         }
-        let first = files[0]
-        var layers: [GradientLayer] = []
-        for info in first.tensors where wanted(info) {
-            for other in files.dropFirst() {
-                guard let match = other.tensor(named: info.name) else {
-                    throw GradientSetError("layer '\(info.name)' is in \(first.path) but missing from \(other.path); every gradient file must hold the same layers")
+        let declarations = try files.map { try GradientBlocks.declarations(in: $0) }
+        let hasBlocks = files.contains { $0.metadata[GradientBlocks.metadataKey] != nil }
+        self.hasBlocks = hasBlocks
+
+        // Per layer: its shape and dtype as the first contribution gave them, and every contribution.
+        var found: [String: (layer: GradientLayer, first: GradientContribution, contributions: [GradientContribution])] = [:]
+        for (file, blocks) in zip(files, declarations) {
+            for info in file.tensors where wanted(info) {
+                let block = blocks[info.name]
+                let (rows, cols) = block.map { ($0.fullRows, $0.fullCols) } ?? (info.shape[0], info.shape[1])
+                let region = block.map { LayerRegion(rows: $0.rowOffset..<($0.rowOffset + info.shape[0]), cols: $0.colOffset..<($0.colOffset + info.shape[1])) }
+                    ?? LayerRegion(wholeOf: rows, cols)
+                let contribution = GradientContribution(file: file, tensor: info.name, region: region, isWholeLayer: block == nil)
+                guard var entry = found[info.name] else {
+                    found[info.name] = (GradientLayer(name: info.name, rows: rows, cols: cols, dtype: info.dtype.rawValue), contribution, [contribution])
+                    continue
                 }
-                guard match.shape == info.shape else {
-                    throw GradientSetError("layer '\(info.name)' has shape \(info.shape) in \(first.path) but \(match.shape) in \(other.path)")
+                guard entry.layer.rows == rows, entry.layer.cols == cols else {
+                    let shape = hasBlocks ? "full shape" : "shape"
+                    throw GradientSetError("layer '\(info.name)' has \(shape) [\(entry.layer.rows), \(entry.layer.cols)] in \(entry.first.description) but [\(rows), \(cols)] in \(contribution.description)")
                 }
-                guard match.dtype == info.dtype else {
-                    throw GradientSetError("layer '\(info.name)' is \(info.dtype) in \(first.path) but \(match.dtype) in \(other.path)")
+                guard entry.layer.dtype == info.dtype.rawValue else {
+                    throw GradientSetError("layer '\(info.name)' is \(entry.layer.dtype) in \(entry.first.file.path) but \(info.dtype) in \(file.path)")
                 }
+                entry.contributions.append(contribution)
+                found[info.name] = entry
             }
-            layers.append(GradientLayer(name: info.name, rows: info.shape[0], cols: info.shape[1], dtype: info.dtype.rawValue))
         }
-        for other in files.dropFirst() {
-            for info in other.tensors where wanted(info) && first.tensor(named: info.name) == nil {
-                throw GradientSetError("layer '\(info.name)' is in \(other.path) but missing from \(first.path); every gradient file must hold the same layers")
-            }
-        }
-        guard !layers.isEmpty else {
+        guard !found.isEmpty else {
             throw GradientSetError(target == nil
-                ? "no 2-D float tensors in \(first.path)"
-                : "no 2-D float tensor matches --target '\(target!)' in \(first.path)")
+                ? "no 2-D float tensors in \(files.map(\.path).joined(separator: ", "))"
+                : "no 2-D float tensor matches --target '\(target!)' in \(files.map(\.path).joined(separator: ", "))")
         }
-        self.layers = layers
+        let names = found.keys.sorted()
+        if !hasBlocks {
+            // Whole layers only: a file missing a layer is a broken recording, not a block.
+            for name in names where found[name]!.contributions.count != files.count {
+                let holders = Set(found[name]!.contributions.map { ObjectIdentifier($0.file) })
+                let missing = files.first { !holders.contains(ObjectIdentifier($0)) }!
+                throw GradientSetError("layer '\(name)' is in \(found[name]!.first.file.path) but missing from \(missing.path); every gradient file must hold the same layers (a file holding blocks of layers says so in its \"\(GradientBlocks.metadataKey)\" metadata)")
+            }
+        } else if uncovered == .refused {
+            for name in names {
+                let (layer, _, contributions) = found[name]!
+                let coverage = LayerCoverage(rows: layer.rows, cols: layer.cols, regions: contributions.map(\.region))
+                guard coverage.isComplete else {
+                    throw GradientSetError("layer '\(name)' [\(layer.rows), \(layer.cols)] is not covered by its \(contributions.count) block(s): no gradient file holds \(coverage.describeUncovered()); pass --allow-uncovered to count those entries as zeros")
+                }
+            }
+        }
+        self.layers = names.map { found[$0]!.layer }
+        self.contributionsByLayer = found.mapValues { $0.contributions }
+    }
+
+    /// The tensors adding into `layer`, in file order.
+    public func contributions(of layer: GradientLayer) -> [GradientContribution] {
+        contributionsByLayer[layer.name] ?? []
+    }
+
+    /// Which entries of `layer` these files cover.
+    public func coverage(of layer: GradientLayer) -> LayerCoverage {
+        LayerCoverage(rows: layer.rows, cols: layer.cols, regions: contributions(of: layer).map(\.region))
+    }
+
+    /// The file holding `layer` whole when that is its only contribution: its stored rows are
+    /// the layer's rows (nothing to sum or place), which senders can pass on unchanged.
+    public func soleWholeFile(of layer: GradientLayer) -> SafeTensorsFile? {
+        let contributions = contributions(of: layer)
+        guard contributions.count == 1, contributions[0].isWholeLayer || contributions[0].region == LayerRegion(wholeOf: layer.rows, layer.cols) else { return nil }
+        return contributions[0].file
     }
 
     /// Files as given, and every `*.safetensors` below a directory, sorted for a stable order.
@@ -118,8 +178,12 @@ public final class GradientFileSet {
     /// Row blocks of `layer` summed over every file, sized for products with `productWidth`-wide
     /// operands (see `RowBlock.rowsPerProductBlock(cols:productWidth:minimumRows:)`).
     public func rowBlocks(of layer: GradientLayer, productWidth: Int, minimumRows: Int = 64) -> SummedRowBlocks {
-        SummedRowBlocks(files: files, layer: layer,
-                        blockRows: RowBlock.rowsPerProductBlock(cols: layer.cols, productWidth: productWidth, minimumRows: minimumRows))
+        rowBlocks(of: layer, blockRows: RowBlock.rowsPerProductBlock(cols: layer.cols, productWidth: productWidth, minimumRows: minimumRows))
+    }
+
+    /// Row blocks of `layer` summed over every file, `blockRows` rows each.
+    public func rowBlocks(of layer: GradientLayer, blockRows: Int) -> SummedRowBlocks {
+        SummedRowBlocks(contributions: contributions(of: layer), layer: layer, blockRows: blockRows)
     }
 
     /// Rows `range` of `layer` summed over every file into `destination` (rows × cols floats),
@@ -127,21 +191,29 @@ public final class GradientFileSet {
     public func readSummedRows(of layer: GradientLayer, rows range: Range<Int>, into destination: Slice<UnsafeMutableBufferPointer<Float>>) throws {
         precondition(destination.count == range.count * layer.cols && range.upperBound <= layer.rows,
                      "\(destination.count) floats for rows \(range) of \(layer.rows)×\(layer.cols)")
-        try SummedRowBlocks.fill(UnsafeMutableBufferPointer(rebasing: destination), files: files, layer: layer, rows: range)
+        try SummedRowBlocks.fill(UnsafeMutableBufferPointer(rebasing: destination), contributions: contributions(of: layer), layer: layer,
+                                 stripe: LayerRegion(rows: range, cols: 0..<layer.cols))
     }
 
     /// Row blocks of `layer` summed over every file, 128 rows (at most 16 MB) each: for
     /// streaming passes with no wide operand (verification, dense accumulation, shards a worker sends).
     public func rowBlocks(of layer: GradientLayer) -> SummedRowBlocks {
-        SummedRowBlocks(files: files, layer: layer, blockRows: Swift.min(128, SummedRowBlocks.blockRows(cols: layer.cols, targetBytes: 16 << 20)))
+        rowBlocks(of: layer, blockRows: Swift.min(128, SummedRowBlocks.blockRows(cols: layer.cols, targetBytes: 16 << 20)))
     }
 }
 
-/// A layer's gradient summed over several files, handed out in row blocks: the first file
-/// is read into the block buffer, the others are added onto it (no second buffer).
-/// Memory is one block, however large the layer.
-public struct SummedRowBlocks: RowBlockSource {
-    public let files: [SafeTensorsFile]
+/// A layer's gradient summed over its contributions (whole layers and blocks from several
+/// files), handed out in stripes of rows: for each stripe, the first contribution that fills it
+/// exactly is read into the stripe buffer, the others are added onto it at their column offset
+/// (no second buffer), and a stripe no contribution fills is zeroed first. Memory is one
+/// stripe, however large the layer.
+///
+/// Two ways to stream: ``forEachRowBlock(_:)`` hands out full-width row blocks of the whole
+/// layer (uncovered entries are zeros), for dense, sketch and local power; ``forEachBlock(_:)``
+/// only the rows the contributions touch, each stripe only as wide as the columns they span,
+/// for a worker's power products over its share of the layer.
+public struct SummedRowBlocks: RowBlockSource, LayerBlockSource {
+    public let contributions: [GradientContribution]
     public let layer: GradientLayer
     public let blockRows: Int
     /// Gradient bytes read from disk so far, over all passes.
@@ -157,8 +229,8 @@ public struct SummedRowBlocks: RowBlockSource {
     /// shows up, less precisely, as a non-finite product (RangeFinder checks every product).
     private var scannedEveryRow = false
 
-    public init(files: [SafeTensorsFile], layer: GradientLayer, blockRows: Int) {
-        self.files = files
+    public init(contributions: [GradientContribution], layer: GradientLayer, blockRows: Int) {
+        self.contributions = contributions
         self.layer = layer
         self.blockRows = Swift.max(1, Swift.min(blockRows, layer.rows))
     }
@@ -172,14 +244,16 @@ public struct SummedRowBlocks: RowBlockSource {
     public var rows: Int { layer.rows }
     public var cols: Int { layer.cols }
 
-    /// Row blocks in order. The next block is read on a helper thread while `body` works on
-    /// the current one, so reading (page cache: ~3 GB/s) hides behind the GEMMs.
+    /// Full-width row blocks in order. The next block is read on a helper thread while `body`
+    /// works on the current one, so reading (page cache: ~3 GB/s) hides behind the GEMMs.
     public mutating func forEachRowBlock(_ body: (RowBlock) throws -> Void) throws {
-        let ranges = stride(from: 0, to: layer.rows, by: blockRows).map { $0..<Swift.min($0 + blockRows, layer.rows) }
-        guard ranges.count > 1 else {
-            if let only = ranges.first {
+        let stripes = stride(from: 0, to: layer.rows, by: blockRows).map {
+            LayerRegion(rows: $0..<Swift.min($0 + blockRows, layer.rows), cols: 0..<layer.cols)
+        }
+        guard stripes.count > 1 else {
+            if let only = stripes.first {
                 var work = 0.0
-                try withSummedRows(only) { block in
+                try withSummedRows(only.rows) { block in
                     let started = ContinuousClock.now
                     try body(block)
                     work = (ContinuousClock.now - started).seconds
@@ -188,81 +262,146 @@ public struct SummedRowBlocks: RowBlockSource {
             }
             return
         }
-        let reader = prefetcher ?? PrefetchingReader(files: files, layer: layer, blockElements: blockRows * layer.cols)
+        let cols = layer.cols
+        try stream(stripes) { block in
+            try body(RowBlock(rowStart: block.region.rows.lowerBound, rowCount: block.region.rows.count, cols: cols, values: block.values))
+        }
+    }
+
+    /// Only the part of the layer the contributions touch: stripes of at most `blockRows` rows
+    /// over the rows some contribution covers, each as wide as the columns the contributions
+    /// overlapping it span. Their embeddings add up to the summed layer, so products over them
+    /// (`blockProduct`, `blockTransposedProduct`) cost what the share costs, not the whole layer.
+    public mutating func forEachBlock(_ body: (LayerBlock) throws -> Void) throws {
+        // Whole layers (and full-width row blocks covering every row): the row-block path as is.
+        let fullWidth = contributions.allSatisfy { $0.region.cols == 0..<layer.cols }
+        if fullWidth, LayerCoverage.union(contributions.map(\.region.rows)) == [0..<layer.rows] {
+            try forEachRowBlock { try body(LayerBlock($0)) }
+            return
+        }
+        var stripes: [LayerRegion] = []
+        for covered in LayerCoverage.union(contributions.map(\.region.rows)) {
+            for start in stride(from: covered.lowerBound, to: covered.upperBound, by: blockRows) {
+                let rows = start..<Swift.min(start + blockRows, covered.upperBound)
+                let spans = contributions.map(\.region).filter { $0.rows.overlaps(rows) }.map(\.cols)
+                guard let first = spans.map(\.lowerBound).min(), let last = spans.map(\.upperBound).max() else { continue }
+                stripes.append(LayerRegion(rows: rows, cols: first..<last))
+            }
+        }
+        try stream(stripes, body)
+    }
+
+    /// Fills `stripes` in turn on the prefetching helper (two buffers) and hands each to `body`.
+    private mutating func stream(_ stripes: [LayerRegion], _ body: (LayerBlock) throws -> Void) throws {
+        guard !stripes.isEmpty else { return }
+        let reader = prefetcher ?? PrefetchingReader(contributions: contributions, layer: layer, blockElements: blockRows * layer.cols)
         prefetcher = reader
         let scan = !scannedEveryRow
-        reader.start(ranges[0], slot: 0, scan: scan)
-        for (position, range) in ranges.enumerated() {
+        reader.start(stripes[0], slot: 0, scan: scan)
+        for (position, stripe) in stripes.enumerated() {
             try reader.wait()
             let slot = position % 2
-            if position + 1 < ranges.count { reader.start(ranges[position + 1], slot: 1 - slot, scan: scan) }
+            if position + 1 < stripes.count { reader.start(stripes[position + 1], slot: 1 - slot, scan: scan) }
             do {
                 let started = ContinuousClock.now
-                try body(RowBlock(rowStart: range.lowerBound, rowCount: range.count, cols: layer.cols,
-                                  values: UnsafeBufferPointer(rebasing: reader.buffers[slot][0..<(range.count * layer.cols)])))
+                try body(LayerBlock(region: stripe, values: UnsafeBufferPointer(rebasing: reader.buffers[slot][0..<stripe.elementCount])))
                 blockWorkSeconds += (ContinuousClock.now - started).seconds
             } catch {
                 try? reader.wait()   // never leave the helper writing into a buffer we give up
                 throw error
             }
-            bytesRead += range.count * layer.cols * elementSize * files.count
+            bytesRead += Self.bytes(of: stripe, contributions: contributions, layer: layer)
         }
         scannedEveryRow = true
     }
 
-    private var elementSize: Int { TensorDType(rawValue: layer.dtype)?.byteSize ?? 4 }
+    /// Bytes read from the files to fill `stripe`.
+    static func bytes(of stripe: LayerRegion, contributions: [GradientContribution], layer: GradientLayer) -> Int {
+        let size = TensorDType(rawValue: layer.dtype)?.byteSize ?? 4
+        return contributions.reduce(0) { total, contribution in
+            let region = contribution.region
+            guard region.cols.overlaps(stripe.cols) else { return total }
+            return total + region.rows.clamped(to: stripe.rows).count * region.cols.count * size
+        }
+    }
 
     /// Reads rows `range` (at most `blockRows`) summed over every file and passes them to `body`.
     /// A NaN/Inf is an error naming the file, layer and row.
     public mutating func withSummedRows<Result>(_ range: Range<Int>, _ body: (RowBlock) throws -> Result) throws -> Result {
         precondition(range.count <= blockRows && range.upperBound <= layer.rows, "rows \(range) exceed the block size \(blockRows) or the layer's \(layer.rows) rows")
-        let (files, layer) = (self.files, self.layer)
+        let (contributions, layer) = (self.contributions, self.layer)
+        let stripe = LayerRegion(rows: range, cols: 0..<layer.cols)
         if buffer.count < blockRows * layer.cols { buffer = [Float](repeating: 0, count: blockRows * layer.cols) }
         let result = try buffer.withUnsafeMutableBufferPointer { whole in
             let block = UnsafeMutableBufferPointer(rebasing: whole[0..<(range.count * layer.cols)])
-            try SummedRowBlocks.fill(block, files: files, layer: layer, rows: range)
+            try SummedRowBlocks.fill(block, contributions: contributions, layer: layer, stripe: stripe)
             return try body(RowBlock(rowStart: range.lowerBound, rowCount: range.count, cols: layer.cols, values: UnsafeBufferPointer(block)))
         }
-        bytesRead += range.count * layer.cols * elementSize * files.count
+        bytesRead += Self.bytes(of: stripe, contributions: contributions, layer: layer)
         return result
     }
 
-    /// The sum over every file of rows `range`, into `block`; checks for NaN/Inf when `scan`.
-    static func fill(_ block: UnsafeMutableBufferPointer<Float>, files: [SafeTensorsFile], layer: GradientLayer, rows range: Range<Int>, scan: Bool = true) throws {
-        try files[0].readRows(layer.name, rows: range, into: block)
-        guard scan else {
-            for file in files.dropFirst() { try file.addRows(layer.name, rows: range, into: block) }
-            return
+    /// The sum of every contribution over `stripe` into `block` (row-major, `stripe.cols.count`
+    /// wide); checks for NaN/Inf when `scan`. Each contribution must lie within the stripe's
+    /// columns or miss them.
+    static func fill(_ block: UnsafeMutableBufferPointer<Float>, contributions: [GradientContribution], layer: GradientLayer, stripe: LayerRegion, scan: Bool = true) throws {
+        precondition(block.count == stripe.elementCount, "\(block.count) floats for stripe \(stripe)")
+        let width = stripe.cols.count
+        var overlapping = contributions.filter { $0.region.rows.overlaps(stripe.rows) && $0.region.cols.overlaps(stripe.cols) }
+        // Whole layers (and row blocks as wide as the stripe) fill it by a plain read.
+        if let index = overlapping.firstIndex(where: { $0.region.cols == stripe.cols && $0.region.rows.clamped(to: stripe.rows) == stripe.rows }) {
+            let first = overlapping.remove(at: index)
+            let local = (stripe.rows.lowerBound - first.region.rows.lowerBound)..<(stripe.rows.upperBound - first.region.rows.lowerBound)
+            try first.file.readRows(first.tensor, rows: local, into: block)
+        } else {
+            block.update(repeating: 0)
         }
-        try checkFinite(block, file: files[0], layer: layer, rowStart: range.lowerBound)
-        for file in files.dropFirst() {
-            try file.addRows(layer.name, rows: range, into: block)
+        for contribution in overlapping {
+            try add(contribution, into: block, stripe: stripe, width: width)
         }
-        // One check per file would need a second buffer; check the sum and, only
-        // if it is bad, find the file that brought the bad value.
-        if files.count > 1, (try? checkFinite(block, file: files[0], layer: layer, rowStart: range.lowerBound)) == nil {
-            try locateNonFinite(files: files, layer: layer, rows: range)
+        guard scan else { return }
+        let view = RowBlock(rowStart: stripe.rows.lowerBound, rowCount: stripe.rows.count, cols: width, values: UnsafeBufferPointer(block))
+        if view.firstNonFiniteIndex() != nil {
+            // One check per contribution would need a second buffer; check the sum and, only
+            // if it is bad, find the contribution that brought the bad value.
+            try locateNonFinite(contributions: contributions.filter { $0.region.rows.overlaps(stripe.rows) && $0.region.cols.overlaps(stripe.cols) },
+                                layer: layer, rows: stripe.rows)
         }
     }
 
-    static func checkFinite(_ block: UnsafeMutableBufferPointer<Float>, file: SafeTensorsFile, layer: GradientLayer, rowStart: Int) throws {
-        let view = RowBlock(rowStart: rowStart, rowCount: block.count / layer.cols, cols: layer.cols, values: UnsafeBufferPointer(block))
-        if let index = view.firstNonFiniteIndex() {
-            throw GradientError.nonFinite(layer: layer.name, source: file.path, row: rowStart + index / layer.cols)
+    /// Adds `contribution`'s rows within the stripe at its column offset.
+    private static func add(_ contribution: GradientContribution, into block: UnsafeMutableBufferPointer<Float>, stripe: LayerRegion, width: Int) throws {
+        let region = contribution.region
+        precondition(region.cols.clamped(to: stripe.cols) == region.cols, "block \(region) is cut by stripe \(stripe)")
+        let rows = region.rows.clamped(to: stripe.rows)
+        let local = (rows.lowerBound - region.rows.lowerBound)..<(rows.upperBound - region.rows.lowerBound)
+        let firstRow = rows.lowerBound - stripe.rows.lowerBound
+        if region.cols == stripe.cols {
+            try contribution.file.addRows(contribution.tensor, rows: local,
+                                          into: UnsafeMutableBufferPointer(rebasing: block[(firstRow * width)..<((firstRow + rows.count) * width)]))
+        } else {
+            try contribution.file.addRows(contribution.tensor, rows: local,
+                                          into: block.baseAddress! + firstRow * width + (region.cols.lowerBound - stripe.cols.lowerBound), rowStride: width)
         }
     }
 
-    /// Re-reads the block file by file to name the one holding a NaN/Inf. Rare path.
-    static func locateNonFinite(files: [SafeTensorsFile], layer: GradientLayer, rows: Range<Int>) throws {
-        var scratch = [Float](repeating: 0, count: rows.count * layer.cols)
-        for file in files {
-            try scratch.withUnsafeMutableBufferPointer { block in
-                try file.readRows(layer.name, rows: rows, into: block)
-                try checkFinite(block, file: file, layer: layer, rowStart: rows.lowerBound)
+    /// Re-reads the stripe contribution by contribution to name the one holding a NaN/Inf. Rare path.
+    static func locateNonFinite(contributions: [GradientContribution], layer: GradientLayer, rows: Range<Int>) throws {
+        for contribution in contributions {
+            let region = contribution.region
+            let within = region.rows.clamped(to: rows)
+            let local = (within.lowerBound - region.rows.lowerBound)..<(within.upperBound - region.rows.lowerBound)
+            var scratch = [Float](repeating: 0, count: within.count * region.cols.count)
+            try scratch.withUnsafeMutableBufferPointer { values in
+                try contribution.file.readRows(contribution.tensor, rows: local, into: values)
+                let view = RowBlock(rowStart: within.lowerBound, rowCount: within.count, cols: region.cols.count, values: UnsafeBufferPointer(values))
+                if let index = view.firstNonFiniteIndex() {
+                    throw GradientError.nonFinite(layer: layer.name, source: contribution.file.path, row: within.lowerBound + index / region.cols.count)
+                }
             }
         }
-        // Every file is finite but the sum overflowed Float32.
-        throw GradientError.nonFinite(layer: layer.name, source: "sum of \(files.count) files", row: rows.lowerBound)
+        // Every contribution is finite but the sum overflowed Float32.
+        throw GradientError.nonFinite(layer: layer.name, source: "sum of \(contributions.count) files", row: rows.lowerBound)
     }
 }
 
@@ -270,15 +409,15 @@ public struct SummedRowBlocks: RowBlockSource {
 /// Invariant: between `start` and the matching `wait`, only the helper touches the files and
 /// the buffer being filled; the caller touches neither (hence `@unchecked Sendable`).
 final class PrefetchingReader: @unchecked Sendable {
-    let files: [SafeTensorsFile]
+    let contributions: [GradientContribution]
     let layer: GradientLayer
     let buffers: [UnsafeMutableBufferPointer<Float>]
     private let queue = DispatchQueue(label: "lora-ga.prefetch")
     private let group = DispatchGroup()
     private var failure: Error?
 
-    init(files: [SafeTensorsFile], layer: GradientLayer, blockElements: Int) {
-        self.files = files
+    init(contributions: [GradientContribution], layer: GradientLayer, blockElements: Int) {
+        self.contributions = contributions
         self.layer = layer
         self.buffers = (0..<2).map { _ in
             let buffer = UnsafeMutableBufferPointer<Float>.allocate(capacity: blockElements)
@@ -292,11 +431,11 @@ final class PrefetchingReader: @unchecked Sendable {
         for buffer in buffers { buffer.deallocate() }
     }
 
-    func start(_ range: Range<Int>, slot: Int, scan: Bool) {
+    func start(_ stripe: LayerRegion, slot: Int, scan: Bool) {
         queue.async(group: group) {
             do {
-                try SummedRowBlocks.fill(UnsafeMutableBufferPointer(rebasing: self.buffers[slot][0..<(range.count * self.layer.cols)]),
-                                         files: self.files, layer: self.layer, rows: range, scan: scan)
+                try SummedRowBlocks.fill(UnsafeMutableBufferPointer(rebasing: self.buffers[slot][0..<stripe.elementCount]),
+                                         contributions: self.contributions, layer: self.layer, stripe: stripe, scan: scan)
             } catch {
                 self.failure = error
             }
@@ -310,5 +449,35 @@ final class PrefetchingReader: @unchecked Sendable {
             self.failure = nil
             throw failure
         }
+    }
+}
+
+extension GradientFileSet {
+    /// `lora-ga inspect` on gradient files: per layer its shape, dtype, contributions (whole
+    /// layers and blocks, with their rectangles) and coverage.
+    public func report() -> String {
+        var lines = [
+            "gradients: \(files.count) files, \(layers.count) layers" + (hasBlocks ? ", blocks declared (\"\(GradientBlocks.metadataKey)\")" : ", whole layers only"),
+            "| layer | shape | dtype | whole layers | blocks | coverage |",
+            "|---|---|---|---|---|---|",
+        ]
+        var details: [String] = []
+        for layer in layers {
+            let contributions = contributions(of: layer)
+            let coverage = coverage(of: layer)
+            let whole = contributions.filter(\.isWholeLayer).count
+            let state = coverage.isComplete ? "complete" : "UNCOVERED: " + coverage.describeUncovered()
+            lines.append("| \(layer.name) | \(layer.rows)×\(layer.cols) | \(layer.dtype) | \(whole) | \(contributions.count - whole) | \(state) |")
+            if whole < contributions.count {
+                details.append("\(layer.name):")
+                for contribution in contributions { details.append("  \(contribution.description)") }
+            }
+        }
+        return (lines + (details.isEmpty ? [] : [""] + details)).joined(separator: "\n")
+    }
+
+    /// Layers with entries no contribution covers.
+    public var uncoveredLayers: [GradientLayer] {
+        layers.filter { !coverage(of: $0).isComplete }
     }
 }

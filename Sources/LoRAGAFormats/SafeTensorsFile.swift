@@ -118,6 +118,35 @@ public final class SafeTensorsFile {
         try transfer(info, elements: elements, to: destination.baseAddress, accumulate: true)
     }
 
+    /// Adds rows `rows` of tensor `name` (`columnCount` values each) into rows of a wider
+    /// destination, row i of the request at `destination + i · rowStride`: a block of a layer
+    /// added into a stripe of the layer at its column offset, without a second buffer.
+    public func addRows(_ name: String, rows: Range<Int>, into destination: UnsafeMutablePointer<Float>, rowStride: Int) throws {
+        let info = try readableTensor(name)
+        let columns = info.columnCount
+        precondition(rowStride >= columns, "row stride \(rowStride) is narrower than the \(columns) columns of '\(name)'")
+        let (_, elements) = try rowElements(name, rows: rows, capacity: rows.count * columns)
+        guard rowStride != columns else {
+            try transfer(info, elements: elements, to: destination, accumulate: true)
+            return
+        }
+        guard !rows.isEmpty, columns > 0 else { return }
+        let size = info.dtype.byteSize
+        let tensorStart = dataSectionOffset + info.dataOffsets.lowerBound
+        let chunkRows = Swift.max(1, Self.stagingLimit / (columns * size))
+        var next = rows.lowerBound
+        while next < rows.upperBound {
+            let count = Swift.min(chunkRows, rows.upperBound - next)
+            let buffer = stagingBuffer(byteCount: count * columns * size)
+            try readExactly(info, into: buffer, count: count * columns * size, at: tensorStart + next * columns * size)
+            for row in 0..<count {
+                FloatConversion.decode(buffer + row * columns * size, as: info.dtype, count: columns,
+                                       into: destination + (next - rows.lowerBound + row) * rowStride, accumulate: true)
+            }
+            next += count
+        }
+    }
+
     /// Calls `body` with rows `rows` of tensor `name` as stored (the tensor's dtype, little
     /// endian), mapped read-only from the page cache — no copy — and with their absolute
     /// offset in the file. For senders that pass the stored bytes on unchanged (`sendfile`)

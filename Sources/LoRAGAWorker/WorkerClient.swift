@@ -348,8 +348,16 @@ final class GradientReader: @unchecked Sendable {
     /// Told once when shards fall back to buffers.
     var logger: Logger?
 
+    /// A worker holds its share of each layer: entries its files leave uncovered are zeros
+    /// here, and other workers' blocks (whoever checks the whole job's coverage) cover them.
     init(paths: [String]) throws {
-        files = try GradientFileSet(paths: paths)
+        files = try GradientFileSet(paths: paths, uncovered: .zero)
+    }
+
+    /// The part of `layer` this worker's files hold: the blocks' rectangles, the rows and
+    /// columns they touch (`coveredRows`, `coveredCols`), and what they leave uncovered.
+    func coverage(of layer: GradientLayer) -> LayerCoverage {
+        files.coverage(of: layer)
     }
 
     deinit {
@@ -384,7 +392,7 @@ final class GradientReader: @unchecked Sendable {
                 ?? productWidth.map { files.rowBlocks(of: layer, productWidth: $0) }
                 ?? files.rowBlocks(of: layer)
             if let blockRows, source.blockRows < blockRows {
-                source = SummedRowBlocks(files: files.files, layer: layer, blockRows: blockRows)
+                source = files.rowBlocks(of: layer, blockRows: blockRows)
             }
             defer { sources[layer.name] = source }
             return try body(&source)
@@ -431,8 +439,7 @@ final class GradientReader: @unchecked Sendable {
     /// checksum refuses the shard, and of its values a NaN: nothing unchecked is summed.
     private func storedF32Shard(_ layer: GradientLayer, rows range: Range<Int>) throws -> EncodedShard? {
         #if _endian(little)
-        guard storesRowsAsSent(layer) else { return nil }
-        let file = files.files[0]
+        guard storesRowsAsSent(layer), let file = files.soleWholeFile(of: layer) else { return nil }
         return try lock.withLock { () throws -> EncodedShard? in
             guard sendsFromFile, let handle = sendHandle(for: file) else { return nil }
             do {
@@ -476,12 +483,12 @@ final class GradientReader: @unchecked Sendable {
         #endif
     }
 
-    /// One file, storing `layer` as F32 at a Float-aligned offset: its bytes are the payload,
-    /// nothing to sum or convert, and mapped they are Floats (a page-aligned mapping keeps the
-    /// offset's alignment).
+    /// One file, storing `layer` whole as F32 at a Float-aligned offset: its bytes are the
+    /// payload, nothing to sum, place or convert, and mapped they are Floats (a page-aligned
+    /// mapping keeps the offset's alignment).
     private func storesRowsAsSent(_ layer: GradientLayer) -> Bool {
         guard files.files.count == 1, layer.dtype == TensorDType.f32.rawValue,
-              let offset = try? files.files[0].storedOffset(of: layer.name) else { return false }
+              let file = files.soleWholeFile(of: layer), let offset = try? file.storedOffset(of: layer.name) else { return false }
         return offset % MemoryLayout<Float>.alignment == 0
     }
 
@@ -581,16 +588,29 @@ final class GradientReader: @unchecked Sendable {
     /// Bytes of rows read and hashed at a time by ``readF32Payload(_:rows:count:)``.
     private static let hashedPieceBytes = 256 << 10
 
-    /// G_w · X or G_wᵀ · X for a power-iteration request on `layer`.
+    /// G_w · X or G_wᵀ · X for a power-iteration request on `layer`, full size (the reply's
+    /// wire shape), computed from this worker's blocks only (``rangeProduct(with:layer:)``, ``coRangeProduct(with:layer:)``).
     func answer(_ request: PowerRequest, layer: GradientLayer) throws -> PowerReply {
         let x = Matrix(rows: Int(request.matrixRows), cols: Int(request.matrixCols), storage: request.values)
-        let product: Matrix = try withSource(layer, productWidth: x.cols) { source in
-            switch request.side {
-            case .range: return try source.product(with: x)
-            case .corange: return try source.transposedProduct(with: x)
-            }
+        let product = switch request.side {
+        case .range: try rangeProduct(with: x, layer: layer)
+        case .corange: try coRangeProduct(with: x, layer: layer)
         }
         return PowerReply(layerIndex: request.layerIndex, round: request.round, side: request.side,
                           matrixRows: UInt32(product.rows), matrixCols: UInt32(product.cols), values: product.storage)
+    }
+
+    /// Y = G_w · P for this worker's share G_w = Σ_b E_b(G_b) of `layer` (DESIGN.md §2b):
+    /// Y[r0:r1, :] += G_b · P[c0:c1, :], only over the rows and columns its blocks touch, so a
+    /// worker holding 1/N of the layer does 1/N of the multiplications. `P` is in × k; the
+    /// result is out × k and zero outside `coverage(of: layer).coveredRows`.
+    func rangeProduct(with p: Matrix, layer: GradientLayer) throws -> Matrix {
+        try withSource(layer, productWidth: p.cols) { try $0.blockProduct(with: p) }
+    }
+
+    /// Z = G_wᵀ · Q for this worker's share (Z[c0:c1, :] += G_bᵀ · Q[r0:r1, :]). `Q` is out × k;
+    /// the result is in × k and zero outside `coverage(of: layer).coveredCols`.
+    func coRangeProduct(with q: Matrix, layer: GradientLayer) throws -> Matrix {
+        try withSource(layer, productWidth: q.cols) { try $0.blockTransposedProduct(with: q) }
     }
 }

@@ -6,16 +6,41 @@ import LoRAGAFormats
 struct InspectCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "inspect",
-        abstract: "Show a job directory's checkpoints: layers, shapes, state, sizes, compression, fidelity.",
-        discussion: "Every checkpoint is read and checked (CRC-32C of its content against the manifest, the layer it names, shapes, decompression). Exits 3 if any finished layer is corrupt, missing or belongs to another layer.")
+        abstract: "Show a job directory's checkpoints, or what gradient files hold: layers, blocks, coverage.",
+        discussion: """
+            Given a job's output directory: every checkpoint is read and checked (CRC-32C of its \
+            content against the manifest, the layer it names, shapes, decompression); exits 3 if any \
+            finished layer is corrupt, missing or belongs to another layer.
 
-    @Argument(help: "The job's output directory (or its checkpoints/ folder).")
-    var directory: String
+            Given gradient files or directories: every layer's shape, dtype, whole-layer and block \
+            contributions ("lora_ga.blocks" metadata, with each block's rows and columns) and \
+            coverage; exits 3 if some layer has entries no file covers.
+            """)
+
+    @Option(help: "Gradient files only: regular expression selecting layers by tensor name.")
+    var target: String?
+
+    @Argument(help: "The job's output directory (or its checkpoints/ folder), or gradient files and directories.")
+    var paths: [String]
 
     func run() throws {
-        let inspection = try CheckpointInspection(directory: directory)
-        print(inspection.report())
-        if inspection.layers.contains(where: { $0.state == .corrupt || $0.state == .missing }) { throw ExitCode(3) }
+        if paths.count == 1, Self.isJobDirectory(paths[0]) {
+            let inspection = try CheckpointInspection(directory: paths[0])
+            print(inspection.report())
+            if inspection.layers.contains(where: { $0.state == .corrupt || $0.state == .missing }) { throw ExitCode(3) }
+            return
+        }
+        let files = try GradientFileSet(paths: paths, target: target, uncovered: .zero)
+        print(files.report())
+        if !files.uncoveredLayers.isEmpty { throw ExitCode(3) }
+    }
+
+    /// A lora-ga output directory (it has checkpoints/) or its checkpoints/ folder.
+    static func isJobDirectory(_ path: String) -> Bool {
+        let trimmed = path.hasSuffix("/") ? String(path.dropLast()) : path
+        var isDirectory: ObjCBool = false
+        if (trimmed as NSString).lastPathComponent == "checkpoints" { return true }
+        return FileManager.default.fileExists(atPath: (trimmed as NSString).appendingPathComponent("checkpoints"), isDirectory: &isDirectory) && isDirectory.boolValue
     }
 }
 

@@ -35,11 +35,14 @@ struct InitCommand: ParsableCommand {
     @Flag(help: "Power mode: read each layer once more to report a fidelity estimate (dense mode always does; `lora-ga verify` measures it exactly).")
     var estimateFidelity = false
 
+    @Flag(help: "Count entries of a layer that no gradient file covers (blocks leaving a hole) as zeros instead of refusing the layer.")
+    var allowUncovered = false
+
     @Argument(help: "Gradient files, or directories holding *.safetensors (searched recursively).")
     var paths: [String]
 
     func run() throws {
-        let files = try GradientFileSet(paths: paths, target: target)
+        let files = try GradientFileSet(paths: paths, target: target, uncovered: allowUncovered ? .zero : .refused)
         let settings = lora.settings
         log("lora-ga init: \(files.files.count) gradient files, \(files.layers.count) layers, rank \(settings.lora.rank), mode \(settings.mode.rawValue) → \(out)")
         var job = try LocalJob(files: files, settings: settings, outputDirectory: out, restart: restart, progress: log)

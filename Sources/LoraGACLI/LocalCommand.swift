@@ -31,6 +31,9 @@ struct LocalCommand: ParsableCommand {
     @Flag(help: "Discard an existing job in OUT instead of resuming it.")
     var restart = false
 
+    @Flag(help: "Count entries of a layer that no gradient file covers (blocks leaving a hole) as zeros instead of refusing the layer.")
+    var allowUncovered = false
+
     @Argument(help: "Gradient files or directories.")
     var paths: [String]
 
@@ -46,6 +49,9 @@ struct LocalCommand: ParsableCommand {
             throw ValidationError("\(path) not found: build every product (swift build -c release) so the daemons sit next to lora-ga")
         }
         let files = try GradientFileSet.expand(paths)
+        // Each worker holds its share and cannot see the others' blocks: check the whole set's
+        // shapes, blocks and coverage here, before any process starts (headers only).
+        _ = try GradientFileSet(paths: paths, uncovered: allowUncovered ? .zero : .refused)
         guard files.count >= workers else {
             throw ValidationError("\(workers) workers need at least \(workers) gradient files; found \(files.count) under \(paths.joined(separator: " "))")
         }

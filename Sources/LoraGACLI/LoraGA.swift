@@ -10,7 +10,11 @@ struct LoraGA: ParsableCommand {
         discussion: """
             Gradients are safetensors files (F32, F16, BF16, F64), one per worker or micro-batch, \
             each holding per-layer tensors [out, in] named like the module weight \
-            (e.g. encoder.layer.0.attention.self.query.weight). Tensors with the same name are summed.
+            (e.g. encoder.layer.0.attention.self.query.weight). Tensors with the same name are summed. \
+            A tensor may hold a block of its layer (sharded training ranks): the file's metadata \
+            "lora_ga.blocks" = {"<tensor>": {"shape": [OUT, IN], "offset": [ROW0, COL0]}} places it; \
+            blocks add where they overlap, and a layer they leave partly uncovered is refused \
+            unless --allow-uncovered.
 
             Typical use:
               lora-ga init --rank 8 --out adapter/ grads/worker0 grads/worker1

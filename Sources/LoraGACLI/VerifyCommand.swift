@@ -24,11 +24,14 @@ struct VerifyCommand: ParsableCommand {
     @Option(help: "Regular expression selecting layers by tensor name.")
     var target: String?
 
+    @Flag(help: "Count entries of a layer that no gradient file covers (blocks leaving a hole) as zeros instead of refusing the layer.")
+    var allowUncovered = false
+
     @Argument(help: "The gradient files or directories the adapter was computed from.")
     var paths: [String]
 
     func run() throws {
-        let files = try GradientFileSet(paths: paths, target: target)
+        let files = try GradientFileSet(paths: paths, target: target, uncovered: allowUncovered ? .zero : .refused)
         var spectrumPaths: [String] = []
         for path in paths {
             spectrumPaths.append((path as NSString).appendingPathComponent(PlantedSpectrumFile.fileName))
