@@ -365,7 +365,14 @@ class GradientRecorder:
 
         self.reduce_scatter = bool(reduce_scatter)
         self.group = group
-        self.sharded = any(_is_dtensor(layer.weight) for layer in self.layers)
+        distributed = [layer.name for layer in self.layers if _is_dtensor(layer.weight)]
+        plain = [layer.name for layer in self.layers if not _is_dtensor(layer.weight)]
+        self.sharded = bool(distributed)
+        if distributed and plain:
+            # Under tensor parallelism a plain weight is a replica every rank computes alike;
+            # under data parallelism it is a partial sum: the recorder cannot tell which.
+            raise ValueError(f"{plain[0]}.weight is a plain tensor while {distributed[0]}.weight is a DTensor: "
+                             "record the sharded layers only (include/exclude), or distribute the others too")
         if self.reduce_scatter:
             if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
                 raise ValueError("reduce_scatter=True needs an initialized torch.distributed process group")
