@@ -13,7 +13,10 @@ micro-batches of the scenario in one process, as stored by torch (Conv1D [in, ou
 into OUT/reference/<model>.npz, and the GPT-2 recorded unsharded by one process into
 OUT/whole-gpt2/rank0/grads.safetensors.
 
-Usage:   python recorder_jobs.py OUT WORLD PORT
+With --2d (WORLD = 4, 6, ...) it runs only FSDP2 over tensor parallelism on a dp × tp
+mesh (tp = 2) on the MLP, into OUT/fsdp2-tp-mlp, and the MLP's reference.
+
+Usage:   python recorder_jobs.py OUT WORLD PORT [--2d]
 Example: python Scripts/tests/recorder_jobs.py /tmp/rec 2 29500
 """
 
@@ -191,7 +194,32 @@ def ddp_mlp(out, rank, world):
         json.dump({"buffer_bytes": int(metadata["buffer_bytes"]), "file_bytes": os.path.getsize(path)}, f)
 
 
+def fsdp2_tp_mlp(out, rank, world):
+    """2-D: tensor parallel inside pairs of ranks, FSDP2 across them (FSDP2 then shards
+    the TP-sharded rows again, as _StridedShard on the dp mesh dimension)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from lora_ga.recorder import GradientRecorder
+
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    model = frozen(TinyMLP())
+    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "mid": RowwiseParallel(),
+                                           "down": ColwiseParallel(output_layouts=Replicate())})
+    fully_shard(model, mesh=mesh["dp"])
+    dp_rank, dp_size = mesh.get_coordinate()[0], world // 2
+    with GradientRecorder(model) as recorder:
+        for index in range(dp_rank, BATCHES, dp_size):  # the two TP ranks of a pair see the same batches
+            mlp_loss(model(mlp_batch(index))).backward()
+            recorder.step()
+        recorder.save(out)
+        write_report(out, recorder, rank)
+
+
 SCENARIOS = {"fsdp2-minilm": fsdp2_minilm, "fsdp2-gpt2": fsdp2_gpt2, "tp-mlp": tp_mlp, "ddp-mlp": ddp_mlp}
+SCENARIOS_2D = {"fsdp2-tp-mlp": fsdp2_tp_mlp}
 
 
 # --------------------------------------------------------------------------- unsharded references (plain autograd)
@@ -238,6 +266,10 @@ def reference_small(out):
             recorder.step()
         recorder.save(os.path.join(out, "whole-gpt2"), rank=0)
 
+    reference_mlp(out)
+
+
+def reference_mlp(out):
     model = frozen(TinyMLP())
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -250,15 +282,19 @@ def reference_small(out):
 # --------------------------------------------------------------------------- ranks
 
 
-def rank_main(rank, world, port, out):
+def rank_main(rank, world, port, out, two_d):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)
-    for name, scenario in SCENARIOS.items():
+    for name, scenario in (SCENARIOS_2D if two_d else SCENARIOS).items():
         scenario(os.path.join(out, name), rank, world)
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     # The unsharded references, shared out between the ranks.
+    if two_d:
+        if rank == 0:
+            reference_mlp(out)
+        return
     if rank == 0:
         reference_minilm(out)
     if rank == min(1, world - 1):
@@ -267,4 +303,8 @@ def rank_main(rank, world, port, out):
 
 if __name__ == "__main__":
     out_dir, world_size, master_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    torch.multiprocessing.spawn(rank_main, args=(world_size, master_port, out_dir), nprocs=world_size)
+    two_dimensional = "--2d" in sys.argv[4:]
+    if two_dimensional and (world_size < 4 or world_size % 2):
+        sys.exit("--2d needs an even world of at least 4 ranks (a dp × tp mesh with tp = 2)")
+    torch.multiprocessing.spawn(rank_main, args=(world_size, master_port, out_dir, two_dimensional),
+                                nprocs=world_size)

