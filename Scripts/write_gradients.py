@@ -140,7 +140,7 @@ def demo(args):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    torch.manual_seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # weights the checkpoint lacks (a new head) start alike on every rank
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
@@ -151,6 +151,7 @@ def demo(args):
     model.train()
     for parameter in model.parameters():  # frozen, as in LoRA; the recorder re-enables the Linear weights
         parameter.requires_grad_(False)
+    torch.manual_seed(args.seed + rank)  # masks and labels differ between ranks
 
     if args.text_file:
         with open(args.text_file) as f:
