@@ -240,7 +240,10 @@ def _cross_check_with_torch(tensor, block):
         return
     if not block.write and not all(block.shape):
         return
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    try:
+        shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    except (TypeError, ValueError, RuntimeError):  # a private helper whose signature may change
+        return
     if tuple(shape) != block.shape or (all(shape) and tuple(offset) != block.offset):
         raise AssertionError(f"block {block} disagrees with torch: shape {tuple(shape)} offset {tuple(offset)}")
 
