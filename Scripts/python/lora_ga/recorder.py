@@ -150,17 +150,31 @@ def _even_bounds(size, chunks, index):
 
 
 def _owned_indices(size, dim, mesh_shape, coordinate, placements):
-    """Global indices along tensor dimension `dim` that this rank's local shard holds,
-    applying the placements left to right as DTensor does (Shard: a torch.chunk piece of
-    what the previous mesh dimensions left; _StridedShard(split_factor=s): the same
-    piece of each of s torch.chunk parts, the layout FSDP2 gives on top of TP)."""
+    """Global indices along tensor dimension `dim` that this rank's local shard holds.
+
+    Shard placements apply left to right, as DTensor does: each takes a torch.chunk piece
+    of what the previous mesh dimensions left.  A leading _StridedShard(split_factor=s)
+    whose s is the number of shards the later mesh dimensions make marks FSDP2 over tensor
+    parallelism: FSDP2 chunks the TP-local tensor, so the pieces are cut right to left
+    (TP first, then FSDP2), which is what the rank holds even when sizes are uneven.  Any
+    other _StridedShard follows DTensor's definition (the same piece of each of s parts)."""
     indices = np.arange(size)
-    for mesh_dim, placement in enumerate(placements):
-        if getattr(placement, "dim", None) != dim:
-            continue
+    sharding = [(mesh_dim, placement) for mesh_dim, placement in enumerate(placements)
+                if getattr(placement, "dim", None) == dim]
+    if not sharding:
+        return indices
+    first = sharding[0][1]
+    later_shards = int(np.prod([mesh_shape[mesh_dim] for mesh_dim, _ in sharding[1:]], dtype=np.int64))
+    strided = [p for _, p in sharding if getattr(p, "split_factor", None) is not None]
+    if strided == [first] and int(first.split_factor) == later_shards:
+        for mesh_dim, _ in reversed(sharding):
+            a, b = _chunk_bounds(len(indices), mesh_shape[mesh_dim], coordinate[mesh_dim])
+            indices = indices[a:b]
+        return indices
+    for mesh_dim, placement in sharding:
         chunks, index = mesh_shape[mesh_dim], coordinate[mesh_dim]
         split_factor = getattr(placement, "split_factor", None)
-        if split_factor is not None:  # _StridedShard
+        if split_factor is not None:
             pieces = []
             for part in range(int(split_factor)):
                 lo, hi = _chunk_bounds(len(indices), int(split_factor), part)
@@ -214,8 +228,16 @@ def dtensor_block(tensor):
     coordinate = mesh.get_coordinate()
     if coordinate is None:  # this rank is not in the tensor's mesh
         return Block(spec_shape, (0, 0), (0, 0), write=False)
-    placements = tuple(tensor.placements)
-    mesh_shape = tuple(mesh.shape)
+    block = placement_block(spec_shape, tuple(mesh.shape), tuple(coordinate), tuple(tensor.placements))
+    local = tuple(int(d) for d in tensor.to_local().shape)
+    if local != block.shape:
+        raise ValueError(f"local shard has shape {local}, placements {tuple(tensor.placements)} imply {block.shape}")
+    return block
+
+
+def placement_block(spec_shape, mesh_shape, coordinate, placements):
+    """The Block held at mesh `coordinate` of a 2-D tensor of global `spec_shape` laid out
+    by `placements` over a mesh of `mesh_shape` (see dtensor_block)."""
     shape, offset = [], []
     for dim in range(2):
         owned = _owned_indices(spec_shape[dim], dim, mesh_shape, coordinate, placements)
@@ -225,11 +247,7 @@ def dtensor_block(tensor):
         shape.append(len(owned))
         offset.append(int(owned[0]) if len(owned) else 0)
     write = all(coordinate[d] == 0 for d, p in enumerate(placements) if p.is_replicate())
-    block = Block(spec_shape, shape, offset, write=write and shape[0] > 0 and shape[1] > 0)
-    local = tuple(int(d) for d in tensor.to_local().shape)
-    if local != block.shape:
-        raise ValueError(f"local shard has shape {local}, placements {placements} imply {block.shape}")
-    return block
+    return Block(spec_shape, shape, offset, write=write and shape[0] > 0 and shape[1] > 0)
 
 
 def _cross_check_with_torch(tensor, block):
@@ -240,6 +258,8 @@ def _cross_check_with_torch(tensor, block):
         return
     if not block.write and not all(block.shape):
         return
+    if any(getattr(p, "split_factor", None) is not None for p in tensor.placements):
+        return  # FSDP2 over TP: we follow what FSDP2 holds, right to left (see _owned_indices)
     try:
         shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     except (TypeError, ValueError, RuntimeError):  # a private helper whose signature may change
