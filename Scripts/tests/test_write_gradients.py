@@ -1,4 +1,4 @@
-"""Tests of the torch-free parts of Scripts/write_gradients.py.
+"""Tests of the torch-free parts of Scripts/write_gradients.py (the command line of lora_ga.recorder).
 
 What: the streaming safetensors writer produces files the `safetensors` package and
 apply_lora_ga.py's reader agree on (F32, F16, BF16 bit patterns, metadata, alignment);
@@ -34,7 +34,8 @@ def load(name):
 
 
 def test_import_and_help_without_torch():
-    code = ("import sys; sys.path.insert(0, %r); import write_gradients; "
+    code = ("import sys; sys.path.insert(0, %r); import write_gradients; import lora_ga.recorder; "
+            "assert write_gradients.GradientRecorder is lora_ga.recorder.GradientRecorder; "
             "assert 'torch' not in sys.modules, 'torch imported eagerly'; print('ok')") % SCRIPTS
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr

@@ -350,7 +350,8 @@ class GradientRecorder:
     enable_grad    turn on requires_grad for the recorded weights (restored by close())
     reduce_scatter for data-parallel jobs (plain tensors on every rank): step() reduce-scatters
                    each layer's local gradient by rows over `group`, so each rank keeps and
-                   writes 1/world of every layer's rows, summed over all ranks
+                   writes 1/world of every layer's rows, summed over all ranks.  step() is then a
+                   collective: every rank calls it equally often (as FSDP2's backward already is)
     group          process group for reduce_scatter (default: the world)
     fsdp_sum       switch FSDP2 modules to sum (not average) their gradient reduction while
                    recording, so files hold sums like every other layout (default True)
