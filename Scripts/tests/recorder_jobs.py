@@ -178,6 +178,18 @@ def tp_mlp(out, rank, world):
         recorder.save(out)
         write_report(out, recorder, rank)
 
+    # Only `up` parallelized: the plain `mid` and `down` are replicas here, which the
+    # recorder cannot tell from data-parallel partials, so it must refuse.
+    partly = frozen(TinyMLP())
+    parallelize_module(partly, mesh, {"up": ColwiseParallel(output_layouts=Replicate())})
+    try:
+        GradientRecorder(partly)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    with open(os.path.join(out, f"refusal{rank}.txt"), "w") as f:
+        f.write(refusal or "accepted")
+
 
 def ddp_mlp(out, rank, world):
     from lora_ga.recorder import collect_gradients

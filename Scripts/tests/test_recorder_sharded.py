@@ -199,6 +199,13 @@ def test_tensor_parallel_row_and_column_blocks(jobs):
         assert metadata["micro_batches"] == str(BATCHES)  # every TP rank saw every batch
 
 
+def test_plain_weights_beside_tensor_parallel_ones_are_refused(jobs):
+    out, _ = jobs
+    for rank in range(WORLD):
+        refusal = (out / "tp-mlp" / f"refusal{rank}.txt").read_text()
+        assert "mid.weight is a plain tensor while up.weight is a DTensor" in refusal, refusal
+
+
 @pytest.fixture(scope="module")
 def jobs_2d(tmp_path_factory):
     out = tmp_path_factory.mktemp("recorder-jobs-2d")
