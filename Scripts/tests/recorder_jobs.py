@@ -158,6 +158,13 @@ def fsdp2_gpt2(out, rank, world):
             recorder.step()
         recorder.save(out)
         write_report(out, recorder, rank)
+        summing = [group.gradient_divide_factor for module in recorder.fsdp_modules
+                   for group in module._get_fsdp_state()._fsdp_param_groups]
+    # close() gives FSDP2 back its own reduction (its default average: no divide factor).
+    restored = [group.gradient_divide_factor for module in recorder.fsdp_modules
+                for group in module._get_fsdp_state()._fsdp_param_groups]
+    with open(os.path.join(out, f"divide{rank}.json"), "w") as f:
+        json.dump({"recording": summing, "after": restored}, f)
 
 
 def tp_mlp(out, rank, world):

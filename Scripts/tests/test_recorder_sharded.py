@@ -173,6 +173,14 @@ def test_fsdp2_gpt2_conv1d_uneven_shards_are_column_blocks(jobs):
     assert sum(uneven) == full_bytes and uneven[0] > uneven[1]
 
 
+def test_fsdp2_sums_while_recording_and_gets_its_average_back(jobs):
+    out, _ = jobs
+    for rank in range(WORLD):
+        factors = json.loads((out / "fsdp2-gpt2" / f"divide{rank}.json").read_text())
+        assert factors["recording"] and set(factors["recording"]) == {1.0}
+        assert len(factors["after"]) == len(factors["recording"]) and set(factors["after"]) == {None}
+
+
 def test_unsharded_conv1d_is_written_out_in(jobs):
     out, _ = jobs
     tensors, metadata, blocks = read_file(out / "whole-gpt2" / "rank0" / "grads.safetensors")

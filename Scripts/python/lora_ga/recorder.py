@@ -322,6 +322,19 @@ def _fsdp2_modules(model):
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def _fsdp_param_groups(module):
+    """FSDP2's parameter groups of one fully_shard-ed module (private torch state; empty
+    when this torch keeps it elsewhere)."""
+    try:
+        state = module._get_fsdp_state()
+    except (AttributeError, TypeError):
+        return []
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # torch 2.4-2.5 keep one group per module
+        groups = [getattr(state, "_fsdp_param_group", None)]
+    return [group for group in groups if group is not None]
+
+
 class _Layer:
     """One recorded weight: its name, module, parameter, orientation and this rank's block."""
 
@@ -411,6 +424,7 @@ class GradientRecorder:
         self._restore = []
         self._handles = []
         self._fsdp_restore = []
+        self.fsdp_summed = False
         self.fsdp_modules = _fsdp2_modules(inner)
         if self.fsdp_modules and fsdp_sum:
             self._fsdp_use_sum()
@@ -454,17 +468,13 @@ class GradientRecorder:
                 _log("this torch's FSDP2 cannot be switched to sum: files hold its default average")
                 return
         for module in self.fsdp_modules:
-            state = module._get_fsdp_state()
-            for group in state._fsdp_param_groups:
-                self._fsdp_restore.append((group, group.gradient_divide_factor,
+            for group in _fsdp_param_groups(module):
+                self._fsdp_restore.append((group, getattr(group, "gradient_divide_factor", None),
                                            getattr(group, "force_sum_reduction_for_comms", None)))
             module.set_gradient_divide_factor(1.0)
             if hasattr(module, "set_force_sum_reduction_for_comms"):
                 module.set_force_sum_reduction_for_comms(True)
-
-    @property
-    def fsdp_summed(self):
-        return bool(self._fsdp_restore)
+        self.fsdp_summed = True
 
     # ----------------------------------------------------------------- accumulation
 
@@ -541,10 +551,16 @@ class GradientRecorder:
         if self.reduce_scatter:
             return torch_world(self.group)
         if self.fsdp_modules:
-            sizes = {int(group.mesh_info.shard_mesh_size) * int(getattr(group.mesh_info, "replicate_mesh_size", 1) or 1)
-                     for module in self.fsdp_modules for group in module._get_fsdp_state()._fsdp_param_groups
-                     if hasattr(group, "mesh_info")}
-            return max(sizes) if sizes else 1
+            sizes = set()
+            for module in self.fsdp_modules:
+                for group in _fsdp_param_groups(module):
+                    mesh_info = getattr(group, "mesh_info", None)
+                    shard = getattr(mesh_info, "shard_mesh_size", None)
+                    if shard is not None:
+                        sizes.add(int(shard) * int(getattr(mesh_info, "replicate_mesh_size", 1) or 1))
+            if sizes:
+                return max(sizes)
+            _log("cannot read FSDP2's data-parallel size: micro_batches counts this rank's only")
         return 1
 
     def save(self, out_dir, rank=None, extra_metadata=None):
@@ -640,6 +656,7 @@ class GradientRecorder:
             if force_sum is not None:
                 group.force_sum_reduction_for_comms = force_sum
         self._fsdp_restore.clear()
+        self.fsdp_summed = False
         self.sums.clear()
 
     def __enter__(self):
