@@ -42,7 +42,8 @@ WHAT
     model.enable_input_require_grads() first, or checkpointed layers get no gradient
     (save() warns about layers that got none and writes them as zeros).
   * Sum vs mean does not change LoRA-GA's singular vectors; the metadata records
-    micro_batches (how many micro-batches the file's tensors sum) so a mean can be taken.
+    micro_batches (this rank's count) and micro_batches_total (the micro-batches summed
+    into the whole gradient) so a mean can be taken.
 
 USAGE (as a library)
   import sys; sys.path.insert(0, "path/to/lora-ga/Scripts/python")   # or pip install Scripts/python

@@ -136,8 +136,8 @@ def test_fsdp2_minilm_blocks_add_up_to_the_unsharded_gradient(jobs):
         assert [offset for offset, _ in parts] == [(sum(sizes[:r]), 0) for r in range(WORLD)], name
     for path in paths:
         _, metadata, blocks = read_file(path)
-        assert metadata["micro_batches"] == str(BATCHES)  # the reduce-scatter summed every rank's batches
-        assert metadata["micro_batches_per_rank"] == str(BATCHES // WORLD)
+        assert metadata["micro_batches"] == str(BATCHES // WORLD)  # this rank's; the files add up to the job's
+        assert metadata["micro_batches_total"] == str(BATCHES)  # the reduce-scatter summed every rank's batches
         assert metadata["reduction"] == "sum" and metadata["layout"] == "fsdp2"
         assert len(blocks) == 36
 
@@ -205,7 +205,8 @@ def test_tensor_parallel_row_and_column_blocks(jobs):
     assert found["down.weight"] == [((0, 0), (4, 11)), ((4, 0), (3, 11))]  # uneven rows
     for path in paths:
         _, metadata, _ = read_file(path)
-        assert metadata["micro_batches"] == str(BATCHES)  # every TP rank saw every batch
+        # Every TP rank saw every batch: the job's count is not the sum over files.
+        assert metadata["micro_batches"] == str(BATCHES) and metadata["micro_batches_total"] == str(BATCHES)
 
 
 def test_plain_weights_beside_tensor_parallel_ones_are_refused(jobs):
@@ -237,7 +238,8 @@ def test_fsdp2_over_tensor_parallel_gives_2d_blocks(jobs_2d):
     assert found["down.weight"] == [((0, 0), (2, 11)), ((4, 0), (2, 11)), ((2, 0), (2, 11)), ((6, 0), (1, 11))]
     for path in paths:
         _, metadata, _ = read_file(path)
-        assert metadata["layout"] == "fsdp2+tp" and metadata["micro_batches"] == str(BATCHES)
+        assert metadata["layout"] == "fsdp2+tp" and metadata["micro_batches_total"] == str(BATCHES)
+        assert metadata["micro_batches"] == str(BATCHES // 2)  # two data-parallel ranks
 
 
 # --------------------------------------------------------------------------- DDP reduce-scatter
@@ -257,7 +259,8 @@ def test_ddp_reduce_scatter_keeps_one_share_of_rows_per_rank(jobs):
     assert sum(buffers) == full_bytes and max(buffers) < 0.55 * full_bytes
     for path in paths:
         _, metadata, _ = read_file(path)
-        assert metadata["layout"] == "ddp-reduce-scatter" and metadata["micro_batches"] == str(BATCHES)
+        assert metadata["layout"] == "ddp-reduce-scatter" and metadata["micro_batches_total"] == str(BATCHES)
+        assert metadata["micro_batches"] == str(BATCHES // WORLD)
 
 
 # --------------------------------------------------------------------------- the command line
@@ -286,6 +289,7 @@ def test_command_line_on_a_gpt2_checkpoint_writes_conv1d_as_out_in(tmp_path):
     assert "whole: 8 layers (0 as blocks)" in result.stderr
     tensors, metadata, blocks = read_file(tmp_path / "grads" / "rank0" / "grads.safetensors")
     assert blocks == {} and metadata["micro_batches"] == "2" and metadata["layout"] == "whole"
+    assert metadata["micro_batches_total"] == "2"
     assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (48, 16)  # Conv1D [16, 48] stored
     assert tensors["transformer.h.1.mlp.c_proj.weight"].shape == (16, 64)
     assert "lm_head.weight" not in tensors

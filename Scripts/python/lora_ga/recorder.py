@@ -26,9 +26,13 @@ them.  GPT-2-style Conv1D weights (stored [in, out]) are written as [out, in].
 
 Scale: every file holds a sum (metadata "reduction": "sum").  FSDP2 averages gradients
 over its data-parallel group by default; the recorder switches its FSDP2 modules to a
-plain sum while it records and restores them in close().  "micro_batches" is the number
-of micro-batches summed into the file's tensors: this rank's count for whole layers,
-the whole group's count for blocks reduced by a collective.
+plain sum while it records and restores them in close().
+
+Micro-batch counts: "micro_batches" is this rank's own count (step() calls), so summed
+over a data-parallel or FSDP2 job's files it gives the job's count, as before;
+"micro_batches_total" is the number of micro-batches summed into G itself (this rank's
+count times its data-parallel group; tensor-parallel ranks share their batches), the
+same in every file of the job: a reader that finds it should use it rather than a sum.
 
 torch is imported lazily: importing this module needs only numpy.
 """
@@ -560,7 +564,7 @@ class GradientRecorder:
                         sizes.add(int(shard) * int(getattr(mesh_info, "replicate_mesh_size", 1) or 1))
             if sizes:
                 return max(sizes)
-            _log("cannot read FSDP2's data-parallel size: micro_batches counts this rank's only")
+            _log("cannot read FSDP2's data-parallel size: micro_batches_total counts this rank's only")
         return 1
 
     def save(self, out_dir, rank=None, extra_metadata=None):
@@ -607,8 +611,8 @@ class GradientRecorder:
                 block_count += 1
         group = self._group_size()
         buffer_bytes = self.buffer_bytes()
-        metadata = {"format": "pt", "producer": "lora-ga lora_ga.recorder", "micro_batches": self.micro_batches * group,
-                    "micro_batches_per_rank": self.micro_batches, "rank": rank, "world_size": world,
+        metadata = {"format": "pt", "producer": "lora-ga lora_ga.recorder", "micro_batches": self.micro_batches,
+                    "micro_batches_total": self.micro_batches * group, "rank": rank, "world_size": world,
                     "reduction": "sum" if (not self.fsdp_modules or self.fsdp_summed) else "mean",
                     "accumulation": "float32", "torch": torch.__version__, "buffer_bytes": buffer_bytes,
                     "layout": self.layout}
