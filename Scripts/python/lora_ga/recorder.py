@@ -298,9 +298,10 @@ def _refuse_unsupported(model):
         if any(hasattr(parameter, attribute) for attribute in ("ds_id", "ds_status", "ds_tensor")):
             raise ValueError(
                 f"{name} is partitioned by DeepSpeed ZeRO-3: its gradient partitions are flat slices of the "
-                "flattened parameter held inside the optimizer, not tensors of the layer's shape, and they are "
-                "not recorded.  Record under PyTorch FSDP2 (fully_shard) instead, or under ZeRO stage 0-2 / DDP "
-                "with GradientRecorder(..., reduce_scatter=True) so each rank keeps 1/world of every layer.")
+                "flattened parameter kept by DeepSpeed's engine, not tensors of the layer's shape, and are not "
+                "recorded.  Record under PyTorch FSDP2 (fully_shard) instead, whose row shards are written as "
+                "blocks, or on a data-parallel (DDP) copy with GradientRecorder(..., reduce_scatter=True) so each "
+                "rank keeps 1/world of every layer.")
     kind = type(model).__name__
     if kind == "FullyShardedDataParallel" or hasattr(model, "_fsdp_wrapped_module") or any(
             type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
@@ -570,8 +571,8 @@ class GradientRecorder:
     def save(self, out_dir, rank=None, extra_metadata=None):
         """Writes OUT/rank{R}/grads.safetensors holding this rank's share of every layer and
         returns its path.  A layer that never received a gradient is written as zeros (its
-        share of them), so every layer stays covered.  self.report gets this rank's buffer
-        bytes and file bytes; both are logged and stored in the metadata."""
+        share of them), so every layer stays covered.  This rank's buffer bytes and file
+        bytes are logged and kept in self.report; the buffer bytes also go to the metadata."""
         torch = sys.modules["torch"]
         if self.micro_batches == 0:
             raise RuntimeError("save() before any step(): call step() after each backward()")
