@@ -343,11 +343,11 @@ def adapter_products(directory):
     return products
 
 
-def test_lora_ga_on_fsdp2_blocks_matches_the_unsharded_gradient(jobs, tmp_path):
+def test_lora_ga_on_fsdp2_blocks_matches_the_unsharded_gradient(request, tmp_path):
     executable = lora_ga_with_blocks()
     if executable is None:
         pytest.skip("$LORA_GA_BIN/lora-ga missing or it does not read blocks yet (no 'uncovered' in `init --help`)")
-    out, _ = jobs
+    out, _ = request.getfixturevalue("jobs")  # only once lora-ga can use them
     whole = tmp_path / "whole" / "grads.safetensors"
     whole.parent.mkdir()
     save_file({name: g.astype(np.float32) for name, g in reference(out, "minilm").items()}, str(whole))
@@ -374,12 +374,12 @@ def assert_verified(executable, adapter, gradient_paths):
     assert len(ratios) == 36 and max(ratios) <= 1.01, result.stdout
 
 
-def test_fsdp2_blocks_collected_by_as_many_workers(jobs, tmp_path):
+def test_fsdp2_blocks_collected_by_as_many_workers(request, tmp_path):
     """The coordinator and one worker per FSDP2 rank over loopback (lora-ga local)."""
     executable = lora_ga_with_blocks()
     if executable is None:
         pytest.skip("$LORA_GA_BIN/lora-ga missing or it does not read blocks yet (no 'uncovered' in `init --help`)")
-    out, _ = jobs
+    out, _ = request.getfixturevalue("jobs")
     ranks = [str(out / "fsdp2-minilm" / f"rank{r}") for r in range(WORLD)]
     result = subprocess.run([executable, "local", "--workers", str(WORLD), "--rank", "8", "--out",
                              str(tmp_path / "adapter"), *ranks], capture_output=True, text=True, timeout=600)
