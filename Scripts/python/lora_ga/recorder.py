@@ -617,7 +617,10 @@ class GradientRecorder:
                     "reduction": "sum" if (not self.fsdp_modules or self.fsdp_summed) else "mean",
                     "accumulation": "float32", "torch": torch.__version__, "buffer_bytes": buffer_bytes,
                     "layout": self.layout}
-        if blocks:
+        if blocks or self.sharded or self.reduce_scatter:
+            # Present (even as "{}") in every file of a sharded recording: readers then check
+            # coverage instead of requiring every file to hold every layer, since a rank whose
+            # share of a layer is empty, or a replica, leaves that layer out.
             metadata[BLOCKS_KEY] = json.dumps(blocks, separators=(",", ":"), sort_keys=True)
         metadata.update(extra_metadata or {})
         _, _, file_bytes = safetensors_header(entries, metadata)
