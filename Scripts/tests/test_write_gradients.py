@@ -1,4 +1,4 @@
-"""Tests of the torch-free parts of Scripts/write_gradients.py.
+"""Tests of the torch-free parts of Scripts/write_gradients.py (the command line of lora_ga.recorder).
 
 What: the streaming safetensors writer produces files the `safetensors` package and
 apply_lora_ga.py's reader agree on (F32, F16, BF16 bit patterns, metadata, alignment);
@@ -34,7 +34,8 @@ def load(name):
 
 
 def test_import_and_help_without_torch():
-    code = ("import sys; sys.path.insert(0, %r); import write_gradients; "
+    code = ("import sys; sys.path.insert(0, %r); import write_gradients; import lora_ga.recorder; "
+            "assert write_gradients.GradientRecorder is lora_ga.recorder.GradientRecorder; "
             "assert 'torch' not in sys.modules, 'torch imported eagerly'; print('ok')") % SCRIPTS
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
@@ -87,13 +88,12 @@ def test_writer_rejects_wrong_size_and_leaves_nothing(tmp_path):
         wg.write_safetensors(str(target), [("w", "F32", (1,), lambda: np.zeros(1, "<f4"))] * 2)
 
 
-def test_rank_from_environment(monkeypatch):
-    wg = load("write_gradients")
-    if "torch" in sys.modules:
-        pytest.skip("torch is loaded; rank comes from torch.distributed when initialized")
-    monkeypatch.setenv("RANK", "5")
-    monkeypatch.setenv("WORLD_SIZE", "8")
-    assert wg.rank_and_world() == (5, 8)
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
-    assert wg.rank_and_world() == (0, 1)
+def test_rank_from_environment():
+    # In a fresh interpreter: once torch is loaded (other tests), an initialized process
+    # group would take precedence.
+    code = ("import sys; sys.path.insert(0, %r); import write_gradients as wg; "
+            "print(wg.rank_and_world())") % SCRIPTS
+    for environment, expected in (({"RANK": "5", "WORLD_SIZE": "8"}, "(5, 8)"), ({}, "(0, 1)")):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **environment})
+        assert result.returncode == 0 and result.stdout.strip() == expected, result.stderr
