@@ -62,7 +62,7 @@ def test_uncovered_layer_is_refused_naming_it_then_accepted_with_the_flag(sharde
     root, g = sharded
     dirs = [root / "a", root / "b"]
     inspect = lora_ga("inspect", *dirs)
-    assert inspect.returncode == 1, inspect.stderr
+    assert inspect.returncode == 3, inspect.stderr
     assert "UNCOVERED: rows 60..<96, cols 50..<80" in inspect.stdout
     refused = lora_ga("init", "--rank", 2, "--out", root / "out", *dirs)
     assert refused.returncode != 0

@@ -179,7 +179,8 @@ public actor CoordinatorEngine {
             perform(machine.helloReceived(on: connection, hello))
         case .announce(let announce):
             let layers = announce.layers.map { GradientLayer(name: $0.name, rows: Int($0.rows), cols: Int($0.cols), dtype: TensorDType(wire: $0.sourceDType).rawValue) }
-            perform(machine.announced(on: connection, layers: layers))
+            let regions = Dictionary(announce.layers.map { ($0.name, $0.regions) }, uniquingKeysWith: { first, _ in first })
+            perform(machine.announced(on: connection, layers: layers, regions: regions))
             if let worker = machine.worker(on: connection), machine.isActive(connection) {
                 logger.info("worker '\(worker)' joined with \(layers.count) layers (\(machine.workerIDs.count)/\(options.expectedWorkers) workers)")
             }
@@ -258,6 +259,11 @@ public actor CoordinatorEngine {
                 do {
                     store = try CheckpointStore(directory: options.outputDirectory, settings: options.settings, layers: layers, restart: options.restart)
                     logger.info("job: \(layers.count) layers, rank \(options.settings.lora.rank), mode \(options.settings.mode.rawValue), \(options.expectedWorkers) workers")
+                    // Which worker contributes which part of each layer, when some hold blocks.
+                    let parts = machine.contributions()
+                    if parts.contains(where: { $0.part != "whole" }) {
+                        for part in parts { logger.info("layer '\(part.layer)': worker '\(part.worker)' holds \(part.part)") }
+                    }
                 } catch {
                     perform(machine.fail(JobError("\(error)")))
                 }

@@ -114,8 +114,17 @@ public struct JobStateMachine: Sendable {
     private var inFlight: [ConnectionID: (layer: Int, shard: LayerLedger.InFlight)] = [:]
     /// Slot holders: worker id → its live connection (nil while away mid-job).
     private var workers: [String: ConnectionID?] = [:]
-    /// Gathering: what each slot holder announced, until the job starts.
-    private var announcements: [String: [GradientLayer]] = [:]
+    /// What each slot holder announced: its layers and, for a worker whose files hold blocks,
+    /// the blocks of each layer it holds (none: whole layers).
+    struct Announcement: Sendable, Equatable {
+        var layers: [GradientLayer]
+        var regions: [String: [LayerRegion]]
+        /// Holds blocks: may lack layers (another worker's blocks cover them).
+        var sharded: Bool { !regions.isEmpty }
+    }
+    private var announcements: [String: Announcement] = [:]
+    /// Per job layer: the workers that announced it (they send it, commit it, answer its rounds).
+    private var holders: [Int: Set<String>] = [:]
 
     /// - Parameters:
     ///   - layers: the job's layers when known up front (a resumed job's manifest).
@@ -164,7 +173,9 @@ public struct JobStateMachine: Sendable {
         return [.sendJobSpec(connection)]
     }
 
-    public mutating func announced(on connection: ConnectionID, layers announcedLayers: [GradientLayer]) -> [Action] {
+    /// - Parameter regions: per layer, the blocks this worker holds when its files declare
+    ///   blocks; empty for a worker holding whole layers.
+    public mutating func announced(on connection: ConnectionID, layers announcedLayers: [GradientLayer], regions: [String: [LayerRegion]] = [:]) -> [Action] {
         guard case .greeted(let id) = connections[connection] else {
             return [.refuse(connection, ErrorMessage(code: .layerMismatch, message: "Announce before Hello, or twice"))]
         }
@@ -176,32 +187,32 @@ public struct JobStateMachine: Sendable {
             connections[connection] = nil
             return [.refuse(connection, ErrorMessage(code: .duplicateWorker, message: "the job expects \(configuration.expectedWorkers) workers and has them (\(workerIDs.joined(separator: ", "))); '\(id)' is not one of them"))]
         }
-        // Consistency is a property of the set: against the manifest, or every other announcement.
-        if let reference = layers {
-            if let problem = JobStateMachine.conflict(reference, announcedLayers, referenceName: layersFromManifest ? "the resumed job's manifest" : "the job", worker: id) {
+        let announcement = Announcement(layers: announcedLayers, regions: regions.filter { !$0.value.isEmpty })
+        // Consistency is a property of the set: against the manifest, and every other announcement.
+        if let reference = layers, layersFromManifest || phase != .gathering {
+            let name = layersFromManifest ? "the resumed job's manifest" : "the job"
+            if let problem = JobStateMachine.conflict(reference, announcedLayers, referenceName: name, worker: id, requireAll: !announcement.sharded) {
                 return conflictFails(problem, connection: connection)
             }
-        } else {
-            for (other, theirs) in announcements.sorted(by: { $0.key < $1.key }) where other != id {
-                if let problem = JobStateMachine.conflict(theirs, announcedLayers, referenceName: "worker '\(other)'", worker: id) {
-                    return conflictFails(problem, connection: connection)
-                }
+        }
+        if let before = announcements[id], before != announcement {
+            return conflictFails((.layerMismatch, "worker '\(id)' came back with other layers or blocks than it announced before"), connection: connection)
+        }
+        for (other, theirs) in announcements.sorted(by: { $0.key < $1.key }) where other != id {
+            if let problem = JobStateMachine.conflict(theirs.layers, announcedLayers, referenceName: "worker '\(other)'", worker: id,
+                                                     requireAll: !announcement.sharded && !theirs.sharded) {
+                return conflictFails(problem, connection: connection)
             }
         }
         connections[connection] = .active(worker: id)
         workers[id] = connection
+        announcements[id] = announcement
         var actions: [Action] = []
         switch phase {
         case .gathering:
-            announcements[id] = announcedLayers
             if workers.count == configuration.expectedWorkers {
-                if layers == nil {
-                    layers = announcedLayers
-                    actions.append(.layersKnown(announcedLayers))
-                } else {
-                    actions.append(.layersKnown(layers!))
-                }
-                announcements = [:]
+                if let problem = startJob() { return conflictFails(problem, connection: connection) }
+                actions.append(.layersKnown(layers!))
                 phase = .running
                 actions += openNextLayers()
             }
@@ -213,23 +224,67 @@ public struct JobStateMachine: Sendable {
         return actions
     }
 
+    /// Every worker announced: the job's layers are the union of theirs (or the manifest's),
+    /// whole-layer workers must hold every layer, and every layer must be covered.
+    private mutating func startJob() -> (code: WireErrorCode, message: String)? {
+        var union: [String: GradientLayer] = [:]
+        for announcement in announcements.values { for layer in announcement.layers { union[layer.name] = union[layer.name] ?? layer } }
+        let jobLayers = layers ?? union.keys.sorted().map { union[$0]! }
+        for (worker, announcement) in announcements.sorted(by: { $0.key < $1.key }) where !announcement.sharded {
+            if let problem = JobStateMachine.conflict(jobLayers, announcement.layers, referenceName: "the job", worker: worker, requireAll: true) {
+                return problem
+            }
+        }
+        if let extra = union.keys.sorted().first(where: { name in !jobLayers.contains { $0.name == name } }) {
+            return (.layerMismatch, "layer '\(extra)' is not part of the resumed job's manifest")
+        }
+        for (index, layer) in jobLayers.enumerated() {
+            let holding = announcements.filter { $0.value.layers.contains { $0.name == layer.name } }
+            holders[index] = Set(holding.keys)
+            guard !holding.values.contains(where: { !$0.sharded }) else { continue }
+            let regions = holding.values.flatMap { $0.regions[layer.name] ?? [] }
+            let coverage = LayerCoverage(rows: layer.rows, cols: layer.cols, regions: regions)
+            guard coverage.isComplete else {
+                return (.layerMismatch, "layer '\(layer.name)' (\(layer.rows)×\(layer.cols)) is not covered by the workers' blocks: \(coverage.describeUncovered())")
+            }
+        }
+        layers = jobLayers
+        return nil
+    }
+
+    /// Which worker holds which part of each layer, for the job's log.
+    public func contributions() -> [(layer: String, worker: String, part: String)] {
+        guard let layers else { return [] }
+        var result: [(layer: String, worker: String, part: String)] = []
+        for (index, layer) in layers.enumerated() {
+            for worker in (holders[index] ?? []).sorted() {
+                let regions = announcements[worker]?.regions[layer.name] ?? []
+                result.append((layer.name, worker, regions.isEmpty ? "whole" : regions.map(\.description).joined(separator: ", ")))
+            }
+        }
+        return result
+    }
+
     private mutating func conflictFails(_ problem: (code: WireErrorCode, message: String), connection: ConnectionID) -> [Action] {
         let error = JobError(.badInput, "inconsistent workers: " + problem.message)
         return [.refuse(connection, ErrorMessage(code: problem.code, message: error.message))] + fail(error)
     }
 
     /// Why `theirs` (announced by `worker`) cannot be the same job as `reference`, or nil.
-    static func conflict(_ reference: [GradientLayer], _ theirs: [GradientLayer], referenceName: String, worker: String) -> (code: WireErrorCode, message: String)? {
+    /// - Parameter requireAll: both sides must hold the same layers (whole-layer workers); else
+    ///   only the layers they share must agree (workers holding blocks may lack a layer).
+    static func conflict(_ reference: [GradientLayer], _ theirs: [GradientLayer], referenceName: String, worker: String, requireAll: Bool = true) -> (code: WireErrorCode, message: String)? {
         let byName = Dictionary(theirs.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         for layer in reference {
             guard let other = byName[layer.name] else {
+                if !requireAll { continue }
                 return (.layerMismatch, "worker '\(worker)' has no layer '\(layer.name)' (\(referenceName) has it, \(layer.rows)×\(layer.cols))")
             }
             if other.rows != layer.rows || other.cols != layer.cols {
                 return (.shapeMismatch, "layer '\(layer.name)' is \(other.rows)×\(other.cols) on worker '\(worker)' but \(layer.rows)×\(layer.cols) on \(referenceName)")
             }
         }
-        if theirs.count != reference.count {
+        if requireAll, theirs.count != reference.count {
             let extra = theirs.first { layer in !reference.contains { $0.name == layer.name } }
             return (.layerMismatch, "worker '\(worker)' announced \(theirs.count) layers, \(referenceName) has \(reference.count)" + (extra.map { " (extra: '\($0.name)')" } ?? ""))
         }
@@ -244,9 +299,10 @@ public struct JobStateMachine: Sendable {
         var candidate = 0
         while open.count < configuration.window, candidate < layers.count {
             if !finished.contains(candidate) && open[candidate] == nil {
-                open[candidate] = LayerLedger(index: candidate, layer: layers[candidate])
+                let holding = holders[candidate] ?? Set(workers.keys)
+                open[candidate] = LayerLedger(index: candidate, layer: layers[candidate], holders: holding)
                 // Power mode too: LayerBegin names the layer its power requests refer to by index.
-                actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(candidate), name: layers[candidate].name, attempt: 0)))
+                actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(candidate), name: layers[candidate].name, attempt: 0)), to: holding)
                 actions.append(.openLayer(candidate, layers[candidate]))
             }
             candidate += 1
@@ -261,7 +317,7 @@ public struct JobStateMachine: Sendable {
     /// A (re)joined worker gets every open layer it still owes.
     private func replay(to connection: ConnectionID, worker: String) -> [Action] {
         var actions: [Action] = []
-        for index in open.keys.sorted() {
+        for index in open.keys.sorted() where open[index]!.holders.contains(worker) {
             let ledger = open[index]!
             let begin = WireMessage.layerBegin(LayerBegin(layerIndex: UInt32(index), name: ledger.layer.name, attempt: ledger.attempt))
             if isPower {
@@ -326,7 +382,7 @@ public struct JobStateMachine: Sendable {
             return [.refuse(connection, ErrorMessage(code: .badData, message: message))]
         case .counted:
             let ledger = open[index]!
-            return ledger.isComplete(workers: configuration.expectedWorkers) ? [.finalizeLayer(index, ledger.layer)] : []
+            return ledger.isComplete ? [.finalizeLayer(index, ledger.layer)] : []
         }
     }
 
@@ -350,8 +406,9 @@ public struct JobStateMachine: Sendable {
     /// The engine has the next request of a layer's range finder: every worker must answer it.
     public mutating func powerRequestReady(layer: Int, _ request: PowerRequest) -> [Action] {
         guard open[layer] != nil else { return [] }
-        open[layer]!.setPowerRequest(request, workers: Set(workers.keys))
-        return broadcast(.powerRequest(request))
+        let holding = open[layer]!.holders
+        open[layer]!.setPowerRequest(request, workers: holding)
+        return broadcast(.powerRequest(request), to: holding)
     }
 
     public func powerReplyArrived(on connection: ConnectionID, layer: Int, round: UInt32) -> Verdict {
@@ -399,7 +456,7 @@ public struct JobStateMachine: Sendable {
             // A shard of the old attempt still arriving elsewhere must not reach the new sum.
             inFlight = inFlight.filter { $0.value.layer != index }
             actions.append(.restartLayer(index, attempt: attempt))
-            actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(index), name: open[index]!.layer.name, attempt: attempt)))
+            actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(index), name: open[index]!.layer.name, attempt: attempt)), to: open[index]!.holders)
         }
         return actions
     }
@@ -436,10 +493,11 @@ public struct JobStateMachine: Sendable {
         return broadcast(.error(ErrorMessage(code: .jobFailed, message: error.message))) + [.failJob(error)]
     }
 
-    private func broadcast(_ message: WireMessage) -> [Action] {
+    /// `message` to every active connection, or only to those of `workers`.
+    private func broadcast(_ message: WireMessage, to workers: Set<String>? = nil) -> [Action] {
         connections.keys.sorted().compactMap { connection in
-            if case .active = connections[connection] { return .send(connection, message) }
-            return nil
+            guard case .active(let worker) = connections[connection], workers?.contains(worker) ?? true else { return nil }
+            return .send(connection, message)
         }
     }
 }

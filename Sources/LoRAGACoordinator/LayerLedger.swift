@@ -27,6 +27,8 @@ struct LayerLedger: Sendable, Equatable {
 
     let index: Int
     let layer: GradientLayer
+    /// The workers that hold (part of) this layer: each must commit it, or answer its rounds.
+    let holders: Set<String>
     private(set) var attempt: UInt32 = 0
     private(set) var committed: Set<String> = []
     /// Workers whose data is folded into the current attempt's sum or sketch.
@@ -36,9 +38,10 @@ struct LayerLedger: Sendable, Equatable {
     private(set) var powerRequest: PowerRequest?
     private(set) var powerPending: Set<String> = []
 
-    init(index: Int, layer: GradientLayer) {
+    init(index: Int, layer: GradientLayer, holders: Set<String>) {
         self.index = index
         self.layer = layer
+        self.holders = holders
     }
 
     /// Starts the layer over: every contribution so far is void.
@@ -115,7 +118,7 @@ struct LayerLedger: Sendable, Equatable {
         return .counted
     }
 
-    func isComplete(workers: Int) -> Bool { committed.count == workers }
+    var isComplete: Bool { committed == holders }
 
     // MARK: Power rounds
 
@@ -139,6 +142,7 @@ struct LayerLedger: Sendable, Equatable {
 
     /// What `worker` still owes this layer, for a stall warning; nil when nothing.
     func owed(by worker: String, power: Bool) -> String? {
+        guard holders.contains(worker) else { return nil }
         if power {
             guard let request = powerRequest, powerPending.contains(worker) else { return nil }
             return "its reply to power round \(request.round) of layer '\(layer.name)'"

@@ -373,7 +373,8 @@ final class GradientReader: @unchecked Sendable {
     var announcement: [LayerInfo] {
         files.layers.map { layer in
             LayerInfo(name: layer.name, rows: UInt64(layer.rows), cols: UInt64(layer.cols),
-                      sourceDType: WireDType.allCases.first { $0.description == layer.dtype } ?? .f32)
+                      sourceDType: WireDType.allCases.first { $0.description == layer.dtype } ?? .f32,
+                      regions: files.hasBlocks ? coverage(of: layer).regions : [])
         }
     }
 

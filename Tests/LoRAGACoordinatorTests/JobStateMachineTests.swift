@@ -346,4 +346,64 @@ import LoRAGAWire
         _ = power.powerReplyStored(layer: 0, worker: "w1")
         #expect(power.outstanding() == ["w0": ["its reply to power round 2 of layer 'a.weight'"]])
     }
+
+    // MARK: - Blocks: the ledger knows who holds which part of each layer
+
+    /// Row shards of each layer over two workers, one of which also lacks layer c entirely
+    /// (its share is empty): the job runs, each layer waits only for its holders.
+    @Test func blockWorkersNeedOnlyCoverTheLayerTogether() {
+        var machine = JobStateMachine(configuration: .init(expectedWorkers: 2, mode: .dense, window: 3))
+        let top = Dictionary(uniqueKeysWithValues: layers.map { ($0.name, [LayerRegion(rows: 0..<$0.rows / 2, cols: 0..<$0.cols)]) })
+        var bottom = Dictionary(uniqueKeysWithValues: layers.map { ($0.name, [LayerRegion(rows: $0.rows / 2..<$0.rows, cols: 0..<$0.cols)]) })
+        bottom["c.weight"] = [LayerRegion(rows: 0..<4, cols: 0..<8)]   // all of c
+        var topOnly = top
+        topOnly["c.weight"] = nil
+        _ = machine.helloReceived(on: 1, hello("w0"))
+        _ = machine.announced(on: 1, layers: Array(layers.prefix(2)), regions: topOnly)
+        _ = machine.helloReceived(on: 2, hello("w1"))
+        let actions = machine.announced(on: 2, layers: layers, regions: bottom)
+        #expect(opened(actions) == [0, 1, 2])
+        // Layer c is w1's alone: w0 is not asked for it, and w1's commit finalizes it.
+        #expect(begins(actions).filter { $0.1 == 2 }.map(\.0) == [2])
+        #expect(machine.committed(on: 2, send(&machine, layer: 2, from: 2)) == [.finalizeLayer(2, layers[2])])
+        #expect(machine.contributions().first { $0.layer == "a.weight" && $0.worker == "w0" }?.part == "rows 0..<4, cols 0..<4")
+    }
+
+    @Test func blocksThatLeaveAHoleFailTheJobNamingTheLayerAndTheRange() {
+        var machine = JobStateMachine(configuration: .init(expectedWorkers: 2, mode: .power))
+        let left = Dictionary(uniqueKeysWithValues: layers.map { ($0.name, [LayerRegion(rows: 0..<$0.rows, cols: 0..<$0.cols / 2)]) })
+        var right = Dictionary(uniqueKeysWithValues: layers.map { ($0.name, [LayerRegion(rows: 0..<$0.rows, cols: $0.cols / 2..<$0.cols)]) })
+        right["b.weight"] = [LayerRegion(rows: 0..<5, cols: 3..<6)]   // row 5, columns 3..<6 uncovered
+        _ = machine.helloReceived(on: 1, hello("w0"))
+        _ = machine.announced(on: 1, layers: layers, regions: left)
+        _ = machine.helloReceived(on: 2, hello("w1"))
+        let error = failure(machine.announced(on: 2, layers: layers, regions: right))
+        #expect(error?.kind == .badInput)
+        #expect(error?.message.contains("layer 'b.weight' (6×6) is not covered") == true, "\(String(describing: error))")
+        #expect(error?.message.contains("rows 5..<6, cols 3..<6") == true, "\(String(describing: error))")
+    }
+
+    /// A data-parallel worker (whole layers) must hold every layer: a missing one would drop
+    /// its partial sum silently.
+    @Test func aWholeLayerWorkerMissingALayerIsAConflictEvenBesideBlockWorkers() {
+        var machine = JobStateMachine(configuration: .init(expectedWorkers: 2, mode: .dense))
+        let all = Dictionary(uniqueKeysWithValues: layers.map { ($0.name, [LayerRegion(wholeOf: $0.rows, $0.cols)]) })
+        _ = machine.helloReceived(on: 1, hello("blocks"))
+        _ = machine.announced(on: 1, layers: layers, regions: all)
+        _ = machine.helloReceived(on: 2, hello("whole"))
+        let error = failure(machine.announced(on: 2, layers: Array(layers.prefix(2))))
+        #expect(error?.message.contains("worker 'whole' has no layer 'c.weight'") == true, "\(String(describing: error))")
+    }
+
+    @Test func powerRoundsWaitOnlyForTheLayersHolders() {
+        var machine = JobStateMachine(configuration: .init(expectedWorkers: 2, mode: .power, window: 1))
+        _ = machine.helloReceived(on: 1, hello("w0"))
+        _ = machine.announced(on: 1, layers: [layers[1]], regions: [layers[1].name: [LayerRegion(wholeOf: 6, 6)]])
+        _ = machine.helloReceived(on: 2, hello("w1"))
+        _ = machine.announced(on: 2, layers: layers, regions: Dictionary(uniqueKeysWithValues: layers.map { ($0.name, [LayerRegion(wholeOf: $0.rows, $0.cols)]) }))
+        let request = PowerRequest(layerIndex: 0, round: 0, side: .range, matrixRows: 8, matrixCols: 2, values: [Float](repeating: 1, count: 16))
+        #expect(machine.powerRequestReady(layer: 0, request) == [.send(2, .powerRequest(request))])
+        #expect(machine.powerReplyArrived(on: 2, layer: 0, round: 0) == .accept(worker: "w1"))
+        #expect(machine.powerReplyStored(layer: 0, worker: "w1") == [.powerRoundComplete(0)])
+    }
 }
