@@ -61,7 +61,8 @@ public final class SafeTensorsFile {
         // file, another format) is named as such, not as a puzzling header length.
         var firstHeaderByte: UInt8 = 0
         if fileSize > 8 { _ = try? file.read(into: &firstHeaderByte, count: 1, at: 8) }
-        guard firstHeaderByte == UInt8(ascii: "{") else {
+        let plausibleLength = headerLength <= UInt64(SafeTensorsHeader.maximumLength) && headerLength <= UInt64(fileSize - 8)
+        guard plausibleLength || firstHeaderByte == UInt8(ascii: "{") else {
             let start = withUnsafeBytes(of: lengthPrefix) { String(decoding: $0.prefix(8).map { (32...126).contains($0) ? $0 : UInt8(ascii: ".") }, as: UTF8.self) }
             throw fail("not a safetensors file (it starts with \"\(start)\"; a safetensors file starts with an 8-byte header length and a JSON header)")
         }

@@ -29,6 +29,8 @@ struct SafeTensorsHeaderValidationTests {
 
     static let cases: [Malformed] = [
         Malformed("too short", bytes: [1, 0, 0, 0, 0], problem: "file is 5 bytes, shorter than the 8-byte header length"),
+        Malformed("a text file", bytes: Array("not a gradient, just text\n".utf8),
+                  problem: #"not a safetensors file (it starts with "not a gr"; a safetensors file starts with an 8-byte header length and a JSON header)"#),
         Malformed("length beyond file", bytes: handMadeSafeTensors(header: "{}", declaredLength: 64),
                   problem: "header length 64 goes beyond the end of the file (10 bytes)"),
         Malformed("length over 100 MiB", bytes: handMadeSafeTensors(header: "{}", declaredLength: 200 << 20),

@@ -269,6 +269,24 @@ import LoRAGAWorker
         #expect(second.layers[1].state == .corrupt && second.layers[1].detail?.contains("holds layer") == true, "\(String(describing: second.layers[1].detail))")
     }
 
+    // MARK: - Determinism
+
+    /// Power mode (the default) sums replies in worker-id order: three workers give the same
+    /// bytes run after run. (Dense and sketch fold shards in arrival order; with three or more
+    /// workers their factors agree to float rounding, not bit for bit: see the README.)
+    @Test func threePowerWorkersGiveByteIdenticalAdaptersRunAfterRun() async throws {
+        var adapters: [Data] = []
+        for run in 0..<2 {
+            let out = try Fixtures.scratch("determinism-\(run)")
+            let result = await Self.job(Self.options(out, workers: 3, mode: .power)) { port, _ in
+                _ = await Self.workers(port: port, Fixtures.minilmWorkers + [Fixtures.minilmWorkers[0]])
+            }
+            #expect(try result.get().layers == 12)
+            adapters.append(try Data(contentsOf: URL(fileURLWithPath: out + "/" + PEFTAdapter.weightsFileName)))
+        }
+        #expect(adapters[0] == adapters[1])
+    }
+
     // MARK: - Signals
 
     /// What `scancel` and a Kubernetes preemption do: SIGTERM to the coordinator and its
@@ -337,5 +355,21 @@ import LoRAGAWorker
         } catch {
             return "failed: \(error)"
         }
+    }
+}
+
+/// Gradient paths that are not what they should be get errors that say exactly that.
+@Suite struct GradientPathTests {
+    @Test func anEmptyDirectoryIsAnErrorNotSilentlySkipped() throws {
+        let empty = try Fixtures.scratch("empty-grads")
+        let error = #expect(throws: (any Error).self) { _ = try GradientFileSet(paths: [Fixtures.minilmWorkers[0], empty]) }
+        #expect("\(error!)".contains("\(empty): the directory holds no .safetensors files"), "\(error!)")
+    }
+
+    @Test func aTextFileIsNamedAsNotASafetensorsFile() throws {
+        let dir = try Fixtures.scratch("text-grads")
+        try "step,loss\n1,0.5\n".write(toFile: dir + "/grads.safetensors", atomically: true, encoding: .utf8)
+        let error = #expect(throws: (any Error).self) { _ = try GradientFileSet(paths: [dir]) }
+        #expect("\(error!)".contains("not a safetensors file"), "\(error!)")
     }
 }
