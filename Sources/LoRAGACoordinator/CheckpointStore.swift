@@ -138,6 +138,7 @@ public final class CheckpointStore {
     public func writeReport(extra: [String: String] = [:]) throws {
         struct Report: Encodable {
             var settings: JobSettings
+            var method: String
             var scaling: Double
             var weightOffset: String
             var layers: [LayerReport]
@@ -146,8 +147,10 @@ public final class CheckpointStore {
         }
         let reports = finishedReports
         let report = Report(
-            settings: manifest.settings, scaling: manifest.settings.lora.scaling,
-            weightOffset: "the training job must set W ← W − scaling · lora_B @ lora_A for every layer before step 0",
+            settings: manifest.settings, method: manifest.settings.lora.method.rawValue, scaling: manifest.settings.lora.scaling,
+            weightOffset: manifest.settings.lora.method.needsBaseOffset
+                ? "the training job must set W ← W − scaling · lora_B @ lora_A for every layer before step 0 (lora_ga.attach does it without touching the base)"
+                : "none: \(manifest.settings.lora.method.rawValue) trains from the unmodified base",
             layers: reports, worstFidelityEstimate: reports.compactMap(\.fidelityEstimate).max(), extra: extra)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
