@@ -49,7 +49,8 @@ import Testing
         let planted = try PlantedGradient(rows: 48, cols: 40, plantedRank: 20, decay: 0.8, seed: 7)
         var g = planted.rows(0..<48)
         g.scale(by: 37)  // LoRA-One is invariant to the gradient's overall scale
-        let settings = JobSettings(lora: LoRAConfiguration(rank: 3, alpha: 6, scale: .stable(gamma: 128), method: .loraOne), mode: .dense)
+        // Enough power iterations that the randomized SVD is exact to float precision here.
+        let settings = JobSettings(lora: LoRAConfiguration(rank: 3, alpha: 6, scale: .stable(gamma: 128), method: .loraOne), mode: .dense, passes: 16)
         var accumulator = try LayerAccumulator(name: "layer", rows: 48, cols: 40, settings: settings)
         g.storage.withUnsafeBufferPointer { accumulator.add(RowBlock(rowStart: 0, rowCount: 48, cols: 40, values: $0)) }
         let factors = try accumulator.finish(settings: settings).factors
