@@ -8,7 +8,11 @@ import LoRAGACore
 /// - `adapter_config.json`: `peft_type` LORA, r, lora_alpha, target_modules, use_rslora, …
 ///
 /// LoRA-GA factors are not zero-initialized, so the training job must also offset each frozen
-/// weight: W ← W − scaling · lora_B @ lora_A (scaling = lora_alpha / r, or / √r with rsLoRA).
+/// weight: W ← W − scaling · lora_B @ lora_A (scaling = lora_alpha / r, or / √r with rsLoRA);
+/// `lora_ga.attach` does it without touching the base. The config's `lora_ga` key says which
+/// method made the factors and whether that offset is needed (LoRA-One: no).
+/// With `fanInFanOut` (gradients stored [in, out], GPT-2's Conv1D) the tensors are still
+/// PEFT's [r, in] / [out, r] of the layer's function, and the config sets `fan_in_fan_out`.
 public enum PEFTAdapter {
     public static let weightsFileName = "adapter_model.safetensors"
     public static let configFileName = "adapter_config.json"
