@@ -78,7 +78,7 @@ public final class CheckpointStore {
 
     static func difference(_ old: JobManifest, _ new: JobManifest) -> String? {
         if old.formatVersion != new.formatVersion { return "manifest version \(old.formatVersion), this build writes \(new.formatVersion)" }
-        if old.settings != new.settings { return "settings differ: it has rank \(old.settings.lora.rank), mode \(old.settings.mode.rawValue), seed \(old.settings.seed); asked rank \(new.settings.lora.rank), mode \(new.settings.mode.rawValue), seed \(new.settings.seed)" }
+        if old.settings != new.settings { return "settings differ: it has \(old.settings.lora.method.rawValue) rank \(old.settings.lora.rank), mode \(old.settings.mode.rawValue), seed \(old.settings.seed); asked \(new.settings.lora.method.rawValue) rank \(new.settings.lora.rank), mode \(new.settings.mode.rawValue), seed \(new.settings.seed)" }
         if old.layers != new.layers { return "layer set differs: it has \(old.layers.count) layers, asked \(new.layers.count)" }
         return nil
     }
