@@ -321,10 +321,17 @@ def write_results(args, runs, step0, convert_error, seconds):
 
     os.makedirs(args.out, exist_ok=True)
     figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name, run in runs.items():
-        axis.plot(range(1, len(run["losses"]) + 1), run["losses"], label=name, linewidth=1.6)
-    axis.set_xlabel(f"training step (batch of {args.batch_size})")
-    axis.set_ylabel("training loss (cross-entropy)")
+    window = 5
+    for index, (name, run) in enumerate(runs.items()):
+        losses = run["losses"]
+        color = f"C{index}"
+        steps = range(1, len(losses) + 1)
+        axis.plot(steps, losses, color=color, linewidth=0.8, alpha=0.3)
+        # Each step's batch is new data, so one batch's loss is noisy: the running mean shows the trend.
+        smoothed = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+        axis.plot(steps, smoothed, color=color, linewidth=1.8, label=name)
+    axis.set_xlabel(f"training step (batch of {args.batch_size}, new sentences each step)")
+    axis.set_ylabel(f"training loss (faint: per batch; bold: mean of last {window})")
     axis.set_title(f"all-MiniLM-L6-v2, 4-topic classification, LoRA r={RANK}, AdamW lr={args.lr:g}")
     axis.grid(alpha=0.3)
     axis.legend()
