@@ -21,7 +21,7 @@ WHAT
 
 USAGE
   HF_HUB_OFFLINE=1 PYTHONPATH=Scripts/python python Scripts/examples/peft_minilm.py \\
-      [--lora-ga-bin DIR] [--steps 60] [--lr 5e-4] [--out Scripts/bench-results]
+      [--lora-ga-bin DIR] [--steps 40] [--lr 1e-3] [--out Scripts/bench-results]
   --lora-ga-bin: directory holding the lora-ga executable (default: $LORA_GA_BIN, else
   `swift build --show-bin-path`, else lora-ga on PATH).
 """
@@ -242,7 +242,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("USAGE")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora-ga-bin", help="directory with the lora-ga executable")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--grad-batches", type=int, default=8, help="micro-batches the initializations see")
     parser.add_argument("--out", default=os.path.join(SCRIPTS, "bench-results"))
