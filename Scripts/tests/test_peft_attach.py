@@ -234,12 +234,12 @@ def test_lora_one_factors_match_numpy_svd_of_the_negative_gradient(grads, task, 
 # --------------------------------------------------------------------------- PEFT's own LoRA-GA
 
 
-def peft_lora_ga(model, batches, target_modules, direction="ArB2r"):
+def peft_lora_ga(model, batches, target_modules, fan_in_fan_out=False):
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraGAConfig, preprocess_loraga
 
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=target_modules, init_lora_weights="lora_ga",
-                        lora_ga_config=LoraGAConfig(direction=direction))
+                        lora_ga_config=LoraGAConfig(), fan_in_fan_out=fan_in_fan_out)
 
     def train_step():
         for batch in batches:
@@ -275,8 +275,18 @@ def test_convention_peft_reproduces_peft_lora_ga(grads, task, tmp_path):
         ours = tuple(x.astype(np.float64) for x in pairs[f"base_model.model.{module}"])
         assert_same_initialization(ours, peft_factors(model, module), module)
     # A gradient file without micro_batches needs --micro-batches.
-    explicit = init(grads, tmp_path / "explicit", "--convention", "peft", "--micro-batches", "4", "--mode", "dense")
-    np.testing.assert_array_equal(read_adapter(explicit)[1][f"base_model.model.fc1.lora_B.weight"],
+    sys.path.insert(0, SCRIPTS)
+    from write_gradients import write_safetensors
+
+    recorded, _ = read_safetensors(os.path.join(grads, "rank0", "grads.safetensors"))
+    bare = tmp_path / "bare" / "grads.safetensors"
+    write_safetensors(str(bare), [(n, "F32", g.shape, lambda g=g: np.ascontiguousarray(g, dtype="<f4"))
+                                  for n, g in recorded.items()])
+    refused = subprocess.run([lora_ga_binary(), "init", "--rank", str(RANK), "--convention", "peft", "--out",
+                              str(tmp_path / "refused"), str(bare)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "--micro-batches" in refused.stderr
+    explicit = init(bare, tmp_path / "explicit", "--convention", "peft", "--micro-batches", "4", "--mode", "dense")
+    np.testing.assert_array_equal(read_adapter(explicit)[1]["base_model.model.fc1.lora_B.weight"],
                                   tensors["base_model.model.fc1.lora_B.weight"])
 
 
@@ -331,7 +341,7 @@ def test_conv1d_adapter_loads_applies_and_matches_peft(task, tmp_path):
     assert config["fan_in_fan_out"] is True
     pairs = factor_pairs(tensors)
     assert pairs["base_model.model.c_fc"][0].shape == (RANK, 32) and pairs["base_model.model.c_fc"][1].shape == (48, RANK)
-    theirs = peft_lora_ga(TinyConv1DNet(), batches, ["c_fc", "c_proj"])
+    theirs = peft_lora_ga(TinyConv1DNet(), batches, ["c_fc", "c_proj"], fan_in_fan_out=True)
     for module in ("c_fc", "c_proj"):
         ours = tuple(x.astype(np.float64) for x in pairs[f"base_model.model.{module}"])
         assert_same_initialization(ours, peft_factors(theirs, module), module)
