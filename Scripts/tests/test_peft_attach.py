@@ -380,3 +380,53 @@ def test_lora_ga_trains_faster_than_plain_lora(lora_ga_adapter, task):
 
     # Measured on this seed: about 0.55× plain LoRA's loss after 20 steps.
     assert task_loss(attached) < 0.75 * task_loss(plain), (plain_losses, lora_ga_losses)
+
+
+# --------------------------------------------------------------------------- sharded weights (DTensor)
+
+
+def _sharded_offset_worker(rank, world, port, results):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lora_ga.attach import _copy_into, _subtract_offset
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        generator = torch.Generator().manual_seed(5)
+        whole = torch.randn(10, 6, generator=generator)   # 10 rows: uneven shards (5 + 5 or more)
+        delta = torch.randn(10, 6, generator=generator)
+        for placement in (Shard(0), Shard(1)):
+            weight = distribute_tensor(whole.clone(), mesh, [placement])
+            _subtract_offset(weight, delta)
+            results.put((rank, str(placement), float((weight.full_tensor() - (whole - delta)).abs().max())))
+        factor = distribute_tensor(torch.zeros(10, 6), mesh, [Shard(0)])
+        _copy_into(factor, whole)
+        results.put((rank, "copy", float((factor.full_tensor() - whole).abs().max())))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_offset_on_sharded_weights_changes_each_rank_s_own_block():
+    """offset="weights" on DTensor weights (FSDP2 shards rows; Shard(1) for column shards):
+    each rank subtracts only its block, and the whole weight ends up W − s·B0·A0."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (PYTHON_DIR, HERE, env_path) if p)
+    mp.start_processes(_sharded_offset_worker, args=(2, port, results), nprocs=2, start_method="spawn")
+    seen = []
+    while not results.empty():
+        seen.append(results.get())
+    assert len(seen) == 6, seen
+    assert all(error < 1e-6 for _, _, error in seen), seen
