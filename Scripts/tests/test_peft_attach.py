@@ -378,7 +378,7 @@ def test_lora_ga_trains_faster_than_plain_lora(lora_ga_adapter, task):
         with torch.no_grad():
             return float(np.mean([float(loss_of(model, batch)) for batch in task]))
 
-    # Measured on this seed: about 0.55× plain LoRA's loss after 20 steps.
+    # Measured on this seed: 0.049 vs 0.078, 0.63× plain LoRA's loss after 20 steps.
     assert task_loss(attached) < 0.75 * task_loss(plain), (plain_losses, lora_ga_losses)
 
 
