@@ -48,13 +48,23 @@ public struct AdapterVerifier {
             let nameA = PEFTAdapter.tensorName(module: layer.moduleName, factor: "A")
             let nameB = PEFTAdapter.tensorName(module: layer.moduleName, factor: "B")
             guard let infoA = adapter.tensor(named: nameA), let infoB = adapter.tensor(named: nameB) else { continue }
-            guard infoA.shape.count == 2, infoB.shape.count == 2, infoA.shape[1] == layer.cols, infoB.shape[0] == layer.rows, infoA.shape[0] == infoB.shape[1] else {
-                throw JobError("\(adapterPath): factors of '\(layer.moduleName)' have shapes \(infoA.shape) and \(infoB.shape), which do not fit the gradient's \(layer.rows)×\(layer.cols)")
+            guard infoA.shape.count == 2, infoB.shape.count == 2, infoA.shape[0] == infoB.shape[1] else {
+                throw JobError("\(adapterPath): factors of '\(layer.moduleName)' have shapes \(infoA.shape) and \(infoB.shape), which do not multiply")
             }
             let rank = infoA.shape[0]
-            let factors = LoRAFactors(
-                a: Matrix(rows: rank, cols: layer.cols, storage: try adapter.readAll(nameA)),
-                b: Matrix(rows: layer.rows, cols: rank, storage: try adapter.readAll(nameB)))
+            let factors: LoRAFactors
+            if infoA.shape[1] == layer.cols, infoB.shape[0] == layer.rows {
+                factors = LoRAFactors(
+                    a: Matrix(rows: rank, cols: layer.cols, storage: try adapter.readAll(nameA)),
+                    b: Matrix(rows: layer.rows, cols: rank, storage: try adapter.readAll(nameB)))
+            } else if infoA.shape[1] == layer.rows, infoB.shape[0] == layer.cols {
+                // fan_in_fan_out: the gradient is stored [in, out], the adapter in PEFT's [out, in] terms.
+                factors = LoRAFactors(
+                    a: Matrix(rows: layer.cols, cols: rank, storage: try adapter.readAll(nameB)).transposed(),
+                    b: Matrix(rows: rank, cols: layer.rows, storage: try adapter.readAll(nameA)).transposed())
+            } else {
+                throw JobError("\(adapterPath): factors of '\(layer.moduleName)' have shapes \(infoA.shape) and \(infoB.shape), which do not fit the gradient's \(layer.rows)×\(layer.cols)")
+            }
             var accumulator = try FidelityAccumulator(factors: factors)
             var blocks = files.rowBlocks(of: layer)
             try blocks.forEachRowBlock { accumulator.add($0) }

@@ -79,7 +79,7 @@ public final class CheckpointStore {
 
     static func difference(_ old: JobManifest, _ new: JobManifest) -> String? {
         if old.formatVersion != new.formatVersion { return "manifest version \(old.formatVersion), this build writes \(new.formatVersion)" }
-        if old.settings != new.settings { return "settings differ: it has rank \(old.settings.lora.rank), mode \(old.settings.mode.rawValue), seed \(old.settings.seed); asked rank \(new.settings.lora.rank), mode \(new.settings.mode.rawValue), seed \(new.settings.seed)" }
+        if old.settings != new.settings { return "settings differ: it has \(old.settings.lora.method.rawValue) rank \(old.settings.lora.rank), mode \(old.settings.mode.rawValue), seed \(old.settings.seed); asked \(new.settings.lora.method.rawValue) rank \(new.settings.lora.rank), mode \(new.settings.mode.rawValue), seed \(new.settings.seed)" }
         if old.layers != new.layers { return "layer set differs: it has \(old.layers.count) layers, asked \(new.layers.count)" }
         return nil
     }
@@ -166,6 +166,7 @@ public final class CheckpointStore {
     public func writeReport(extra: [String: String] = [:]) throws {
         struct Report: Encodable {
             var settings: JobSettings
+            var method: String
             var scaling: Double
             var weightOffset: String
             var layers: [LayerReport]
@@ -174,8 +175,10 @@ public final class CheckpointStore {
         }
         let reports = finishedReports
         let report = Report(
-            settings: manifest.settings, scaling: manifest.settings.lora.scaling,
-            weightOffset: "the training job must set W ← W − scaling · lora_B @ lora_A for every layer before step 0",
+            settings: manifest.settings, method: manifest.settings.lora.method.rawValue, scaling: manifest.settings.lora.scaling,
+            weightOffset: manifest.settings.lora.method.needsBaseOffset
+                ? "the training job must set W ← W − scaling · lora_B @ lora_A for every layer before step 0 (lora_ga.attach does it without touching the base)"
+                : "none: \(manifest.settings.lora.method.rawValue) trains from the unmodified base",
             layers: reports, worstFidelityEstimate: reports.compactMap(\.fidelityEstimate).max(), extra: extra)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]

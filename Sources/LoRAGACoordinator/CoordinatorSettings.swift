@@ -12,6 +12,16 @@ extension LoRAGADirection: LosslessStringConvertible {
     public var description: String { rawValue }
 }
 
+extension LoRAMethod: LosslessStringConvertible {
+    public init?(_ description: String) { self.init(rawValue: description) }
+    public var description: String { rawValue }
+}
+
+extension FactorConvention: LosslessStringConvertible {
+    public init?(_ description: String) { self.init(rawValue: description) }
+    public var description: String { rawValue }
+}
+
 /// The coordinator's settings resolved from flags, environment and config file.
 public struct CoordinatorSettings: Sendable {
     public var host: String
@@ -22,7 +32,8 @@ public struct CoordinatorSettings: Sendable {
 
     /// Every key the coordinator reads, as flag names (also the config file's keys).
     public static let keys = [
-        "listen", "workers", "out", "rank", "alpha", "rslora", "direction", "scale", "gamma", "mode",
+        "listen", "workers", "out", "rank", "alpha", "rslora", "direction", "scale", "gamma", "method", "convention",
+        "micro-batches", "fan-in-fan-out", "mode",
         "oversampling", "passes", "sketch-width", "seed", "window", "payload-dtype", "compress",
         "adapter-dtype", "gather-timeout", "rejoin-timeout", "restart", "port-file", "secret-file", "insecure",
     ]
@@ -42,7 +53,8 @@ public struct CoordinatorSettings: Sendable {
         let (host, port) = try LayeredSettings.hostAndPort(try get("listen", "127.0.0.1:7070"), setting: "listen")
         let rank: Int = try get("rank", 8)
         let scaleName: String = try get("scale", "stable")
-        let gamma: Double = try get("gamma", 16)
+        let method: LoRAMethod = try get("method", LoRAMethod.loraGA)
+        let gamma: Double = try get("gamma", method.defaultGamma)
         let scale: LoRAGAScale
         switch scaleName {
         case "stable": scale = .stable(gamma: gamma)
@@ -52,7 +64,9 @@ public struct CoordinatorSettings: Sendable {
         }
         let lora = LoRAConfiguration(
             rank: rank, alpha: try get("alpha", Double(2 * rank)), useRSLoRA: try get("rslora", false),
-            direction: try get("direction", LoRAGADirection.ArB2r), scale: scale)
+            direction: try get("direction", LoRAGADirection.ArB2r), scale: scale, method: method,
+            convention: try get("convention", FactorConvention.reference), microBatches: try get("micro-batches", 1),
+            fanInFanOut: try get("fan-in-fan-out", false))
         let job = JobSettings(
             lora: lora, mode: try get("mode", SVDMode.power),
             oversampling: try optional("oversampling"), passes: try optional("passes"), sketchWidth: try optional("sketch-width"),

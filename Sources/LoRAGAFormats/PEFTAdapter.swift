@@ -8,7 +8,11 @@ import LoRAGACore
 /// - `adapter_config.json`: `peft_type` LORA, r, lora_alpha, target_modules, use_rslora, …
 ///
 /// LoRA-GA factors are not zero-initialized, so the training job must also offset each frozen
-/// weight: W ← W − scaling · lora_B @ lora_A (scaling = lora_alpha / r, or / √r with rsLoRA).
+/// weight: W ← W − scaling · lora_B @ lora_A (scaling = lora_alpha / r, or / √r with rsLoRA);
+/// `lora_ga.attach` does it without touching the base. The config's `lora_ga` key says which
+/// method made the factors and whether that offset is needed (LoRA-One: no).
+/// With `fanInFanOut` (gradients stored [in, out], GPT-2's Conv1D) the tensors are still
+/// PEFT's [r, in] / [out, r] of the layer's function, and the config sets `fan_in_fan_out`.
 public enum PEFTAdapter {
     public static let weightsFileName = "adapter_model.safetensors"
     public static let configFileName = "adapter_config.json"
@@ -36,8 +40,11 @@ public enum PEFTAdapter {
             guard checkpoint.rank == lora.rank else {
                 throw CheckpointError(path: path, problem: "checkpoint has rank \(checkpoint.rank), the adapter is being written at rank \(lora.rank)")
             }
-            specs.append(.init(name: tensorName(module: module, factor: "A"), dtype: dtype, shape: [lora.rank, checkpoint.inFeatures]))
-            specs.append(.init(name: tensorName(module: module, factor: "B"), dtype: dtype, shape: [checkpoint.outFeatures, lora.rank]))
+            // A fan_in_fan_out layer's checkpoint is in the stored [in, out] orientation; PEFT wants
+            // lora_A [r, in] and lora_B [out, r] of the layer's function.
+            let (outFeatures, inFeatures) = lora.fanInFanOut ? (checkpoint.inFeatures, checkpoint.outFeatures) : (checkpoint.outFeatures, checkpoint.inFeatures)
+            specs.append(.init(name: tensorName(module: module, factor: "A"), dtype: dtype, shape: [lora.rank, inFeatures]))
+            specs.append(.init(name: tensorName(module: module, factor: "B"), dtype: dtype, shape: [outFeatures, lora.rank]))
             shapes.append((checkpoint.outFeatures, checkpoint.inFeatures))
         }
         let weightsPath = (directory as NSString).appendingPathComponent(weightsFileName)
@@ -47,15 +54,41 @@ public enum PEFTAdapter {
             guard checkpoint.outFeatures == shapes[index].out, checkpoint.inFeatures == shapes[index].in else {
                 throw CheckpointError(path: path, problem: "checkpoint changed while the adapter was being assembled")
             }
-            try checkpoint.loraA.withUnsafeBufferPointer {
+            var (loraA, loraB) = (checkpoint.loraA, checkpoint.loraB)
+            var outFeatures = checkpoint.outFeatures
+            if lora.fanInFanOut {
+                // Stored B·A = (B_G·A_G)ᵀ, so A_G = Bᵀ and B_G = Aᵀ.
+                loraA = Matrix(rows: checkpoint.outFeatures, cols: lora.rank, storage: checkpoint.loraB).transposed().storage
+                loraB = Matrix(rows: lora.rank, cols: checkpoint.inFeatures, storage: checkpoint.loraA).transposed().storage
+                outFeatures = checkpoint.inFeatures
+            }
+            try loraA.withUnsafeBufferPointer {
                 try writer.write(tensorName(module: module, factor: "A"), rows: 0..<lora.rank, values: $0)
             }
-            try checkpoint.loraB.withUnsafeBufferPointer {
-                try writer.write(tensorName(module: module, factor: "B"), rows: 0..<checkpoint.outFeatures, values: $0)
+            try loraB.withUnsafeBufferPointer {
+                try writer.write(tensorName(module: module, factor: "B"), rows: 0..<outFeatures, values: $0)
             }
         }
         try writer.finish()
         try writeConfig(into: directory, modules: checkpoints.map(\.module), lora: lora, baseModel: baseModel)
+    }
+
+    /// The adapter_config.json key describing the initialization.
+    public static let methodKey = "lora_ga"
+
+    static func methodDescription(_ lora: LoRAConfiguration) -> [String: Any] {
+        var description: [String: Any] = [
+            "method": lora.method.rawValue,
+            "base_offset": lora.method.needsBaseOffset,
+            "gamma": lora.gamma,
+        ]
+        if lora.method == .loraGA {
+            description["convention"] = lora.convention.rawValue
+            description["direction"] = lora.direction.rawValue
+            description["scale"] = lora.scale.name
+            if lora.convention == .peft { description["micro_batches"] = lora.microBatches }
+        }
+        return description
     }
 
     /// `adapter_config.json` with the fields PEFT's LoraConfig reads.
@@ -69,7 +102,7 @@ public enum PEFTAdapter {
             "lora_dropout": 0.0,
             "target_modules": modules,
             "bias": "none",
-            "fan_in_fan_out": false,
+            "fan_in_fan_out": lora.fanInFanOut,
             "use_rslora": lora.useRSLoRA,
             "use_dora": false,
             "init_lora_weights": true,
@@ -80,6 +113,9 @@ public enum PEFTAdapter {
             "rank_pattern": [String: Any](),
             "alpha_pattern": [String: Any](),
             "revision": NSNull(),
+            // Not a LoraConfig field (PEFT warns and ignores it): tells lora_ga.attach whether the
+            // base needs the −scaling·B·A offset and how the factors were made.
+            methodKey: methodDescription(lora),
         ]
         let data = try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
         try DurableFile.write(data, to: (directory as NSString).appendingPathComponent(configFileName))

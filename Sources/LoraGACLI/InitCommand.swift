@@ -14,8 +14,10 @@ struct InitCommand: ParsableCommand {
             and OUT/checkpoints/ (one zstd-compressed checkpoint per finished layer). \
             Re-running with the same OUT resumes after the last finished layer.
 
-            LoRA-GA factors are not zero: before training, offset every frozen weight by \
-            W ← W − scaling · lora_B @ lora_A (see Scripts/apply_lora_ga.py).
+            LoRA-GA factors are not zero: train with lora_ga.attach (Scripts/python), which \
+            cancels scaling · lora_B @ lora_A without touching the base, or offset every frozen \
+            weight by W ← W − scaling · lora_B @ lora_A (Scripts/apply_lora_ga.py). \
+            --method lora-one needs no offset.
             """)
 
     @OptionGroup var lora: LoRAOptions
@@ -43,7 +45,7 @@ struct InitCommand: ParsableCommand {
 
     func run() throws {
         let files = try GradientFileSet(paths: paths, target: target, uncovered: allowUncovered ? .zero : .refused)
-        let settings = lora.settings
+        let settings = lora.settings(microBatches: try lora.resolvedMicroBatches(files: files.files))
         log("lora-ga init: \(files.files.count) gradient files, \(files.layers.count) layers, rank \(settings.lora.rank), mode \(settings.mode.rawValue) → \(out)")
         var job = try LocalJob(files: files, settings: settings, outputDirectory: out, restart: restart, progress: log)
         job.estimatesFidelity = estimateFidelity

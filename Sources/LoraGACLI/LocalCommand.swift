@@ -70,7 +70,8 @@ struct LocalCommand: ParsableCommand {
         guard FileManager.default.createFile(atPath: secretFile, contents: Data(secret.utf8), attributes: [.posixPermissions: 0o600]) else {
             throw ValidationError("cannot write \(secretFile)")
         }
-        let settings = lora.settings
+        let metadataFiles = lora.convention == .peft && lora.microBatches == nil ? try GradientFileSet(paths: paths).files : []
+        let settings = lora.settings(microBatches: try lora.resolvedMicroBatches(files: metadataFiles))
         var coordinatorArguments = [
             "--listen", "127.0.0.1:0", "--port-file", portFile, "--workers", "\(workers)", "--out", out,
             "--rank", "\(settings.lora.rank)", "--alpha", "\(settings.lora.alpha)", "--direction", settings.lora.direction.rawValue,
@@ -79,7 +80,11 @@ struct LocalCommand: ParsableCommand {
             "--payload-dtype", payloadDtype.rawValue, "--summary-file", scratch.appendingPathComponent("coordinator.json").path,
             "--secret-file", secretFile,
         ]
-        if case .stable(let gamma) = settings.lora.scale { coordinatorArguments += ["--gamma", "\(gamma)"] }
+        coordinatorArguments += [
+            "--gamma", "\(settings.lora.gamma)", "--method", settings.lora.method.rawValue,
+            "--convention", settings.lora.convention.rawValue, "--micro-batches", "\(settings.lora.microBatches)",
+        ]
+        if settings.lora.fanInFanOut { coordinatorArguments.append("--fan-in-fan-out") }
         if settings.lora.useRSLoRA { coordinatorArguments.append("--rslora") }
         if restart { coordinatorArguments.append("--restart") }
 

@@ -32,7 +32,11 @@ struct CoordinatorCommand: AsyncParsableCommand {
     @Flag(help: "rsLoRA scaling alpha / √r.") var rslora = false
     @Option(help: "ArB2r (default) or A2rBr.") var direction: String?
     @Option(help: "stable (default), unit or gd.") var scale: String?
-    @Option(help: "γ of the stable scale (default 16).") var gamma: Double?
+    @Option(help: "γ: of the stable scale for lora-ga (default 16), of LoRA-One's 1/√(σ₁γ) for lora-one (default 128).") var gamma: Double?
+    @Option(help: "lora-ga (default; the base must be offset) or lora-one (top-r of the negative gradient, base used as is).") var method: String?
+    @Option(help: "reference (default) or peft: PEFT's LoRA-GA scaling, B = U·diag(S/micro-batches)·c, A unscaled.") var convention: String?
+    @Option(help: "Micro-batches summed into the gradients (all workers together); --convention peft divides by it (default 1).") var microBatches: Int?
+    @Flag(help: "Gradients are stored [in, out] (GPT-2 Conv1D): factors of their transpose, adapter with fan_in_fan_out.") var fanInFanOut = false
     @Option(help: "power (default): workers keep their gradients and answer power-iteration rounds, sending (out+in)·k per round; dense: workers send each layer, summed here (memory out·in); sketch: shards folded into (out+in)·k sketches in one pass.") var mode: String?
     @Option(help: "Oversampling p (dense, power; default r + min(r, 16)).") var oversampling: Int?
     @Option(help: "Passes over G (dense, power; default \(SVDDefaults.passes)).") var passes: Int?
@@ -59,6 +63,8 @@ struct CoordinatorCommand: AsyncParsableCommand {
         func put(_ key: String, _ value: (any CustomStringConvertible)?) { if let value { flags[key] = value.description } }
         put("listen", listen); put("workers", workers); put("out", out); put("rank", rank); put("alpha", alpha)
         put("direction", direction); put("scale", scale); put("gamma", gamma); put("mode", mode)
+        put("method", method); put("convention", convention); put("micro-batches", microBatches)
+        if fanInFanOut { flags["fan-in-fan-out"] = "true" }
         put("oversampling", oversampling); put("passes", passes); put("sketch-width", sketchWidth); put("seed", seed)
         put("window", window); put("payload-dtype", payloadDtype); put("adapter-dtype", adapterDtype)
         put("gather-timeout", gatherTimeout); put("rejoin-timeout", rejoinTimeout); put("port-file", portFile)

@@ -33,6 +33,11 @@ public struct JobSettings: Sendable, Equatable, Codable {
         if oversampling < 0 { errors.append("--oversampling must be ≥ 0 (got \(oversampling))") }
         if sketchWidth < 2 * lora.rank { errors.append("--sketch-width must be ≥ 2r = \(2 * lora.rank) (got \(sketchWidth))") }
         if case .stable(let gamma) = lora.scale, !(gamma > 0) { errors.append("--gamma must be positive (got \(gamma))") }
+        if lora.microBatches < 1 { errors.append("--micro-batches must be at least 1 (got \(lora.microBatches))") }
+        if lora.method == .loraOne {
+            if lora.convention == .peft { errors.append("--convention peft applies to lora-ga only (PEFT has no LoRA-One initialization)") }
+            if case .stable = lora.scale {} else { errors.append("--scale applies to lora-ga only (LoRA-One's scale is 1/√(σ₁γ); set γ with --gamma)") }
+        }
         return errors
     }
 }

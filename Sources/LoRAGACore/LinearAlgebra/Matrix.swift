@@ -83,6 +83,22 @@ public struct Matrix: Sendable, Equatable {
         }
     }
 
+    /// Multiplies row i by `factors[i]` (diag(factors) · self).
+    public mutating func scaleRows(by factors: [Float]) {
+        precondition(factors.count == rows, "\(factors.count) factors for \(rows) rows")
+        for i in 0..<rows {
+            for j in 0..<cols { storage[i * cols + j] *= factors[i] }
+        }
+    }
+
+    /// Multiplies column j by `factors[j]` (self · diag(factors)).
+    public mutating func scaleColumns(by factors: [Float]) {
+        precondition(factors.count == cols, "\(factors.count) factors for \(cols) columns")
+        for i in 0..<rows {
+            for j in 0..<cols { storage[i * cols + j] *= factors[j] }
+        }
+    }
+
     /// Squared Frobenius norm, accumulated in Double so large matrices lose nothing.
     public var frobeniusNormSquared: Double {
         storage.withUnsafeBufferPointer { RowBlock.sumOfSquares($0) }
