@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import LoRAGADaemon
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGAWire
@@ -29,6 +30,8 @@ public struct CoordinatorOptions: Sendable {
     public var restart = false
     /// When set, every worker must prove it knows this secret before it can send anything.
     public var secret: JobSecret?
+    /// Prometheus metrics and the progress estimate of the per-layer log lines.
+    public var metrics = CoordinatorMetrics()
 
     public init(settings: JobSettings, expectedWorkers: Int, outputDirectory: String) {
         self.settings = settings
@@ -127,14 +130,16 @@ public actor CoordinatorEngine {
     private var totalBytes = 0
     private let started = ContinuousClock.now
     private var outcome: Result<CoordinatorSummary, JobError>?
+    /// The kind of the failure about to be reported (decides the exit status), set where it is detected.
+    private var failureKind: JobError.Kind = .other
     /// Gather and rejoin deadlines; cancelled when the job ends so none fires on a stopped engine.
     private var timers: [Task<Void, Never>] = []
     private var waiters: [CheckedContinuation<CoordinatorSummary, Error>] = []
 
     public init(options: CoordinatorOptions, computeLoop: any EventLoop, logger: Logger) throws {
         let problems = options.settings.validationErrors()
-        guard problems.isEmpty else { throw JobError(problems.joined(separator: "; ")) }
-        guard options.expectedWorkers >= 1 else { throw JobError("--workers must be at least 1") }
+        guard problems.isEmpty else { throw JobError(.usage, problems.joined(separator: "; ")) }
+        guard options.expectedWorkers >= 1 else { throw JobError(.usage, "--workers must be at least 1") }
         self.options = options
         self.computeLoop = computeLoop
         self.logger = logger
@@ -184,6 +189,7 @@ public actor CoordinatorEngine {
             logger.info("worker '\(worker)' disconnected")
         }
         perform(machine.connectionClosed(connection))
+        options.metrics.workersConnected(outbound.keys.filter { machine.worker(on: $0) != nil }.count)
     }
 
     /// A connection's inbound stream failed to decode (garbage, oversize frame): drop it, job unharmed.
@@ -214,6 +220,7 @@ public actor CoordinatorEngine {
             perform(machine.announced(on: connection, layers: layers))
             if let worker = machine.worker(on: connection) {
                 logger.info("worker '\(worker)' joined with \(layers.count) layers (\(machine.workerIDs.count)/\(options.expectedWorkers) workers)")
+                options.metrics.workersConnected(outbound.keys.filter { machine.worker(on: $0) != nil }.count)
             }
         case .shard(let shard):
             receiveShard(shard, from: connection)
@@ -224,6 +231,7 @@ public actor CoordinatorEngine {
         case .error(let error):
             // A worker that found its own data unusable ends the job: no correct adapter can follow.
             if machine.worker(on: connection) != nil {
+                failureKind = error.code == .badData ? .badInput : .other
                 perform(machine.fail(error.message))
             } else {
                 logger.warning("connection \(connection) reported: \(error.code): \(error.message)")
@@ -325,6 +333,7 @@ public actor CoordinatorEngine {
         }
         layerBytes[shard.layer, default: 0] += wireBytes
         totalBytes += wireBytes
+        options.metrics.received(bytes: wireBytes)
     }
 
     /// Checks a shard's fields against the job and readies its layer's sum; nil when refused.
@@ -390,6 +399,7 @@ public actor CoordinatorEngine {
         }
         if let bad {
             let layer = machine.layers![shard.layer]
+            failureKind = .badInput
             perform(machine.fail("worker '\(shard.worker)': layer '\(layer.name)' has a NaN or Inf value in row \(firstRow + bad / shard.cols)"))
             return false
         }
@@ -435,11 +445,13 @@ public actor CoordinatorEngine {
         }
         let values = reply.values
         if let bad = values.firstIndex(where: { !$0.isFinite }) {
+            failureKind = .badInput
             return perform(machine.fail("worker '\(worker)': layer '\(layer.name)' produced NaN/Inf in its power-iteration product (row \(bad / finder.sketchWidth)); its gradient contains non-finite values"))
         }
         powerReplies[index, default: [:]][worker] = Matrix(rows: expectedRows, cols: finder.sketchWidth, storage: values)
         layerBytes[index, default: 0] += reply.payload.readableBytes
         totalBytes += reply.payload.readableBytes
+        options.metrics.received(bytes: reply.payload.readableBytes)
         perform(machine.powerReplyStored(layer: index, worker: worker))
     }
 
@@ -471,6 +483,7 @@ public actor CoordinatorEngine {
             case .layersKnown(let layers):
                 do {
                     store = try CheckpointStore(directory: options.outputDirectory, settings: options.settings, layers: layers, restart: options.restart)
+                    options.metrics.jobStarted(layers: layers.count, done: machine.finished.count)
                     logger.info("job: \(layers.count) layers, rank \(options.settings.lora.rank), mode \(options.settings.mode.rawValue), \(options.expectedWorkers) workers")
                 } catch {
                     perform(machine.fail("\(error)"))
@@ -496,7 +509,7 @@ public actor CoordinatorEngine {
                 finishJob()
             case .failJob(let reason):
                 logger.error("job failed: \(reason)")
-                complete(.failure(JobError(reason)))
+                complete(.failure(JobError(failureKind, reason)))
             case .startRejoinTimer(let worker):
                 let timeout = options.rejoinTimeout
                 logger.warning("worker '\(worker)' left mid-job; waiting up to \(timeout) for it to come back")
@@ -640,6 +653,7 @@ public actor CoordinatorEngine {
             case .success(let (factors, svd, fidelity)):
                 self.record(index, factors: factors, svd: svd, fidelity: fidelity, transferred: transferred, computed: self.seconds(since: started))
             case .failure(let error):
+                self.failureKind = ExitStatus.kind(of: error)
                 self.perform(self.machine.fail("layer '\(job.name)': \(error)"))
             }
         }
@@ -662,7 +676,8 @@ public actor CoordinatorEngine {
         let timing = settings.mode == .power
             ? String(format: "%d power passes %.2f s, factors %.2f s", settings.passes, transferred, computed)
             : String(format: "transfer %.2f s (%.0f MB/s), factors %.2f s", transferred, Double(bytes) / 1e6 / max(transferred, 1e-9), computed)
-        logger.info("[\(done)/\(machine.layers!.count)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received")); \(timing)")
+        let eta = options.metrics.layerDone(seconds: transferred + computed)
+        logger.info("[\(done)/\(machine.layers!.count)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received")); \(timing); \(eta)")
         accumulators[index] = nil
         progress[index] = nil
         finders[index] = nil
@@ -716,7 +731,7 @@ public actor CoordinatorEngine {
         for continuation in outbound.values {
             continuation.yield(.message(.goodbye(Goodbye(reason: "coordinator stopping (\(reason)); it resumes when restarted"))))
         }
-        complete(.failure(JobError("stopped by \(reason) before the job finished; restart with the same --out to resume")))
+        complete(.failure(JobError(.interrupted, "stopped by \(reason) before the job finished; restart with the same --out to resume")))
     }
 
     /// Returns when the job has finished (adapter written) or failed.

@@ -13,7 +13,7 @@ struct BenchCommand: ParsableCommand {
         abstract: "Measure this machine's limits for Scripts/bench.",
         subcommands: [Machine.self])
 
-    struct Machine: ParsableCommand {
+    struct Machine: ParsableCommand, LoggingCommand {
         static let configuration = CommandConfiguration(
             commandName: "machine",
             abstract: "Single-thread sgemm GFLOP/s on the bench's shapes, summation and loopback TCP throughput.",
@@ -63,7 +63,9 @@ struct BenchCommand: ParsableCommand {
             }
         }
 
-        func run() throws {
+        @OptionGroup var logging: LogOptions
+
+    func run() throws {
             BLAS.configureThreads()
             var report = MachineReport(
                 openblasThreads: Int(openblas_get_num_threads()),

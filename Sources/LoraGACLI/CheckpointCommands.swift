@@ -2,7 +2,7 @@ import ArgumentParser
 import Foundation
 import LoRAGACoordinator
 
-struct InspectCommand: ParsableCommand {
+struct InspectCommand: ParsableCommand, LoggingCommand {
     static let configuration = CommandConfiguration(
         commandName: "inspect",
         abstract: "Show a job directory's checkpoints: layers, shapes, state, sizes, compression, fidelity.",
@@ -11,6 +11,8 @@ struct InspectCommand: ParsableCommand {
     @Argument(help: "The job's output directory (or its checkpoints/ folder).")
     var directory: String
 
+    @OptionGroup var logging: LogOptions
+
     func run() throws {
         let inspection = try CheckpointInspection(directory: directory)
         print(inspection.report())
@@ -18,7 +20,7 @@ struct InspectCommand: ParsableCommand {
     }
 }
 
-struct ExportCommand: ParsableCommand {
+struct ExportCommand: ParsableCommand, LoggingCommand {
     static let configuration = CommandConfiguration(
         commandName: "export",
         abstract: "Write a PEFT adapter from a job's checkpoints (also from a partial job: its finished layers).")
@@ -31,6 +33,8 @@ struct ExportCommand: ParsableCommand {
 
     @Option(help: "dtype of the adapter tensors: f32, bf16 or f16.")
     var dtype: AdapterDType = .f32
+
+    @OptionGroup var logging: LogOptions
 
     func run() throws {
         let inspection = try CheckpointInspection(directory: directory)
