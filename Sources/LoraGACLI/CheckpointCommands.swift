@@ -1,12 +1,13 @@
 import ArgumentParser
 import Foundation
 import LoRAGACoordinator
+import LoRAGADaemon
 
 struct InspectCommand: ParsableCommand, LoggingCommand {
     static let configuration = CommandConfiguration(
         commandName: "inspect",
         abstract: "Show a job directory's checkpoints: layers, shapes, state, sizes, compression, fidelity.",
-        discussion: "Every checkpoint is read and checked (CRC-32C, shapes, decompression). Exits 1 if any finished layer is corrupt or missing.")
+        discussion: "Every checkpoint is read and checked (CRC-32C, shapes, decompression). Exits 3 (bad input) if any finished layer is corrupt or missing.")
 
     @Argument(help: "The job's output directory (or its checkpoints/ folder).")
     var directory: String
@@ -16,7 +17,7 @@ struct InspectCommand: ParsableCommand, LoggingCommand {
     func run() throws {
         let inspection = try CheckpointInspection(directory: directory)
         print(inspection.report())
-        if inspection.layers.contains(where: { $0.state == .corrupt || $0.state == .missing }) { throw ExitCode(1) }
+        if inspection.layers.contains(where: { $0.state == .corrupt || $0.state == .missing }) { throw ExitCode(JobError.Kind.badInput.exitCode) }
     }
 }
 

@@ -46,7 +46,7 @@ struct LoraGA: ParsableCommand {
             try command.run()
         } catch let error as ExitCode {
             exit(withError: error)
-        } catch is ValidationError {
+        } catch let error as ValidationError {
             FileHandle.standardError.write(Data(("lora-ga: " + fullMessage(for: error) + "\n").utf8))
             Foundation.exit(JobError.Kind.usage.exitCode)
         } catch {
