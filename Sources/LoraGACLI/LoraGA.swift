@@ -49,6 +49,8 @@ struct LoraGA: ParsableCommand {
         } catch let error as ValidationError {
             FileHandle.standardError.write(Data(("lora-ga: " + fullMessage(for: error) + "\n").utf8))
             Foundation.exit(JobError.Kind.usage.exitCode)
+        } catch where exitCode(for: error).isSuccess {
+            exit(withError: error)   // help printed by the parser's own command
         } catch {
             let kind = ExitStatus.kind(of: error)
             CLILog.write("error: \(error)", level: .error)
