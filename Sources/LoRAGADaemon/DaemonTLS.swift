@@ -69,7 +69,10 @@ public final class PlaintextPeerDetector: ChannelInboundHandler, RemovableChanne
     private var timer: Scheduled<Void>?
     private var decided = false
 
-    public init(patience: TimeAmount = .milliseconds(500)) {
+    /// - Parameter patience: how long a silent peer may wait before it is told; generous,
+    ///   since a TLS client's ClientHello on a loaded machine or a slow link must never be
+    ///   mistaken for silence (that would refuse a correct worker).
+    public init(patience: TimeAmount = .seconds(3)) {
         self.patience = patience
     }
 

@@ -99,4 +99,25 @@ import LoRAGAWorker
         #expect(error.message.contains("TLS") && error.message.contains("plaintext"), "\(error)")
         coordinator.summary.cancel()
     }
+
+    @Test func theExecutablesTakeTheTLSFlags() throws {
+        let certificates = try Self.certificates()
+        let scratch = try Fixtures.scratch()
+        let portFile = scratch + "/port"
+        let coordinator = try Daemon.start("lora-ga-coord", [
+            "--workers", "1", "--out", scratch + "/job", "--rank", "4", "--listen", "127.0.0.1:0", "--port-file", portFile,
+            "--tls-cert", certificates + "/server.pem", "--tls-key", certificates + "/server.key",
+        ], scratch: scratch)
+        let port = try Daemon.port(from: portFile, of: coordinator)
+        let plaintext = try Daemon.run("lora-ga-worker", ["--connect", "127.0.0.1:\(port)", "--grads", Fixtures.minilmWorkers[0], "--connect-timeout", "60"],
+                                       scratch: scratch, timeout: .seconds(30))
+        #expect(plaintext.status == 2 && plaintext.stderr.contains("requires TLS"), "\(plaintext)")
+        let encrypted = try Daemon.run("lora-ga-worker", ["--connect", "127.0.0.1:\(port)", "--grads", Fixtures.minilmWorkers[0],
+                                                          "--tls-ca", certificates + "/ca.pem"], scratch: scratch)
+        #expect(encrypted.status == 0, "\(encrypted)")
+        #expect(coordinator.wait() == 0, "\(coordinator.stderr)")
+        #expect(coordinator.stderr.contains("(TLS)"))
+        let halfConfigured = try Daemon.run("lora-ga-coord", ["--workers", "1", "--out", scratch + "/job2", "--tls-cert", certificates + "/server.pem"], scratch: scratch)
+        #expect(halfConfigured.status == 2 && halfConfigured.stderr.contains("--tls-key"), "\(halfConfigured)")
+    }
 }
