@@ -44,6 +44,7 @@ public struct CoordinatorServer: Sendable {
         let engine = try CoordinatorEngine(options: options, computeLoop: computeGroup.next(), logger: logger)
         let maxFrameLength = self.maxFrameLength
         let tls = self.tls
+        let logger = self.logger
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
@@ -55,6 +56,10 @@ public struct CoordinatorServer: Sendable {
                         // ClientHello: the detector tells it, in plaintext, that TLS is required.
                         try channel.pipeline.syncOperations.addHandler(PlaintextPeerDetector())
                         try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+                    } else {
+                        try channel.pipeline.syncOperations.addHandler(TLSClientDetector { peer in
+                            logger.warning("a TLS client connected from \(peer.map { "\($0)" } ?? "?"), but this coordinator speaks plaintext: give it --tls-cert and --tls-key, or drop the worker's --tls-ca")
+                        })
                     }
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(StreamingFrameDecoder(maxFrameLength: maxFrameLength)))
                     try channel.pipeline.syncOperations.addHandler(FrameWriter(maxFrameLength: maxFrameLength))

@@ -121,3 +121,30 @@ public final class PlaintextPeerDetector: ChannelInboundHandler, RemovableChanne
         context.writeAndFlush(NIOAny(frame)).whenComplete { _ in bound.value.close(promise: nil) }
     }
 }
+
+/// First handler of a plaintext coordinator's connections: a peer whose first byte opens a
+/// TLS handshake record (0x16) is a worker given --tls-ca; it is reported once through
+/// `onTLSClient` (so the coordinator's log says what is wrong, not only "protocol error") and
+/// dropped. Any other peer is left to the wire protocol: this handler steps aside.
+public final class TLSClientDetector: ChannelInboundHandler, RemovableChannelHandler {
+    public typealias InboundIn = ByteBuffer
+    public typealias InboundOut = ByteBuffer
+
+    let onTLSClient: @Sendable (SocketAddress?) -> Void
+
+    public init(onTLSClient: @escaping @Sendable (SocketAddress?) -> Void) {
+        self.onTLSClient = onTLSClient
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let buffer = unwrapInboundIn(data)
+        guard let first = buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) else { return }
+        if first == 0x16 {
+            onTLSClient(context.channel.remoteAddress)
+            context.close(promise: nil)
+        } else {
+            context.fireChannelRead(data)
+            context.pipeline.syncOperations.removeHandler(self, promise: nil)
+        }
+    }
+}

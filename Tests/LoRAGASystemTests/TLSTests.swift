@@ -117,6 +117,17 @@ import LoRAGAWorker
         #expect(encrypted.status == 0, "\(encrypted)")
         #expect(coordinator.wait() == 0, "\(coordinator.stderr)")
         #expect(coordinator.stderr.contains("(TLS)"))
+        // The reverse: a TLS worker against a plaintext coordinator; both sides say so.
+        let plainPortFile = scratch + "/plain-port"
+        let plain = try Daemon.start("lora-ga-coord", ["--workers", "1", "--out", scratch + "/plain", "--listen", "127.0.0.1:0", "--port-file", plainPortFile],
+                                     scratch: scratch)
+        let plainPort = try Daemon.port(from: plainPortFile, of: plain)
+        let tlsWorker = try Daemon.run("lora-ga-worker", ["--connect", "127.0.0.1:\(plainPort)", "--grads", Fixtures.minilmWorkers[0],
+                                                          "--tls-ca", certificates + "/ca.pem", "--connect-timeout", "60"], scratch: scratch, timeout: .seconds(30))
+        #expect(tlsWorker.status == 2 && tlsWorker.stderr.contains("plaintext"), "\(tlsWorker)")
+        _ = try plain.waitForLog("a TLS client connected")
+        plain.process.terminate()
+        #expect(plain.wait() == 75)
         let halfConfigured = try Daemon.run("lora-ga-coord", ["--workers", "1", "--out", scratch + "/job2", "--tls-cert", certificates + "/server.pem"], scratch: scratch)
         #expect(halfConfigured.status == 2 && halfConfigured.stderr.contains("--tls-key"), "\(halfConfigured)")
     }
