@@ -2,7 +2,8 @@
 import PackageDescription
 
 // Dependencies point downward only (Sources/LoRAGACoordinator/LoRAGACoordinator.docc/Architecture.md):
-// executables → LoRAGACoordinator / LoRAGAWorker → LoRAGAWire, LoRAGAFormats → LoRAGACore → C modules.
+// executables → LoRAGACoordinator / LoRAGAWorker → LoRAGADaemon (settings, lifecycle, logging,
+// exit codes, metrics, TLS) → LoRAGAWire, LoRAGAFormats → LoRAGACore → C modules.
 let package = Package(
     name: "lora-ga",
     platforms: [.macOS(.v14)],
@@ -17,6 +18,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
     ],
     targets: [
         .systemLibrary(
@@ -42,9 +46,25 @@ let package = Package(
             ]
         ),
         .target(
-            name: "LoRAGACoordinator",
+            name: "LoRAGADaemon",
             dependencies: [
                 "LoRAGACore", "LoRAGAFormats", "LoRAGAWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ]
+        ),
+        .target(
+            name: "LoRAGACoordinator",
+            dependencies: [
+                "LoRAGACore", "LoRAGAFormats", "LoRAGAWire", "LoRAGADaemon",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
@@ -55,7 +75,8 @@ let package = Package(
         .target(
             name: "LoRAGAWorker",
             dependencies: [
-                "LoRAGACore", "LoRAGAFormats", "LoRAGAWire",
+                "LoRAGACore", "LoRAGAFormats", "LoRAGAWire", "LoRAGADaemon",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -65,7 +86,7 @@ let package = Package(
         .executableTarget(
             name: "LoraGACLI",
             dependencies: [
-                "LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker",
+                "LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker", "LoRAGADaemon",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -74,7 +95,7 @@ let package = Package(
             name: "LoraGACoord",
             dependencies: [
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                "LoRAGACoordinator", "LoRAGAFormats", "LoRAGAWire",
+                "LoRAGACoordinator", "LoRAGADaemon", "LoRAGAFormats", "LoRAGAWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -83,7 +104,7 @@ let package = Package(
             name: "LoraGAWorkerMain",
             dependencies: [
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                "LoRAGAWorker", "LoRAGACoordinator", "LoRAGAFormats", "LoRAGAWire",
+                "LoRAGAWorker", "LoRAGADaemon", "LoRAGAFormats", "LoRAGAWire",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -110,15 +131,17 @@ let package = Package(
         ),
         .testTarget(
             name: "LoRAGACoordinatorTests",
-            dependencies: ["LoRAGACoordinator", "LoRAGAWire", "LoRAGAFormats", "LoRAGACore"]
+            dependencies: ["LoRAGACoordinator", "LoRAGADaemon", "LoRAGAWire", "LoRAGAFormats", "LoRAGACore"]
         ),
         .testTarget(
             name: "LoRAGASystemTests",
             dependencies: [
-                "LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker", "LoRAGAWire",
+                "LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker", "LoRAGAWire", "LoRAGADaemon",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             exclude: ["Fixtures"]

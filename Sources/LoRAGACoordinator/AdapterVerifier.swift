@@ -1,6 +1,7 @@
 import Foundation
 import LoRAGACore
 import LoRAGAFormats
+import LoRAGADaemon
 
 /// `lora-ga verify`: the exact fidelity ratio of an adapter against the gradient files.
 /// The residual ‖P_B G + G P_A − G‖ is computed exactly in two streamed passes; the optimum
@@ -32,7 +33,7 @@ public struct AdapterVerifier {
                 let file = try JSONDecoder().decode(PlantedSpectrumFile.self, from: data)
                 spectra.merge(file.layers) { first, _ in first }
             } catch {
-                throw JobError("\(path): not a planted spectrum file (\(error))")
+                throw JobError(.badInput, "\(path): not a planted spectrum file (\(error))")
             }
         }
         self.plantedSpectra = spectra
@@ -49,7 +50,7 @@ public struct AdapterVerifier {
             let nameB = PEFTAdapter.tensorName(module: layer.moduleName, factor: "B")
             guard let infoA = adapter.tensor(named: nameA), let infoB = adapter.tensor(named: nameB) else { continue }
             guard infoA.shape.count == 2, infoB.shape.count == 2, infoA.shape[0] == infoB.shape[1] else {
-                throw JobError("\(adapterPath): factors of '\(layer.moduleName)' have shapes \(infoA.shape) and \(infoB.shape), which do not multiply")
+                throw JobError(.badInput, "\(adapterPath): factors of '\(layer.moduleName)' have shapes \(infoA.shape) and \(infoB.shape), which do not multiply")
             }
             let rank = infoA.shape[0]
             let factors: LoRAFactors
@@ -63,7 +64,7 @@ public struct AdapterVerifier {
                     a: Matrix(rows: layer.cols, cols: rank, storage: try adapter.readAll(nameB)).transposed(),
                     b: Matrix(rows: rank, cols: layer.rows, storage: try adapter.readAll(nameA)).transposed())
             } else {
-                throw JobError("\(adapterPath): factors of '\(layer.moduleName)' have shapes \(infoA.shape) and \(infoB.shape), which do not fit the gradient's \(layer.rows)×\(layer.cols)")
+                throw JobError(.badInput, "\(adapterPath): factors of '\(layer.moduleName)' have shapes \(infoA.shape) and \(infoB.shape), which do not fit the gradient's \(layer.rows)×\(layer.cols)")
             }
             var accumulator = try FidelityAccumulator(factors: factors)
             var blocks = files.rowBlocks(of: layer)
@@ -90,7 +91,7 @@ public struct AdapterVerifier {
             checked += 1
         }
         guard checked > 0 else {
-            throw JobError("\(adapterPath) has no lora_A/lora_B pair for any layer of the gradient files (expected names like \(PEFTAdapter.tensorName(module: files.layers[0].moduleName, factor: "A")))")
+            throw JobError(.badInput, "\(adapterPath) has no lora_A/lora_B pair for any layer of the gradient files (expected names like \(PEFTAdapter.tensorName(module: files.layers[0].moduleName, factor: "A")))")
         }
         return results
     }

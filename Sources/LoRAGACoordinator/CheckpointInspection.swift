@@ -1,6 +1,7 @@
 import Foundation
 import LoRAGACore
 import LoRAGAFormats
+import LoRAGADaemon
 
 /// `lora-ga inspect` and `lora-ga export`: what a job directory holds, and a PEFT adapter
 /// from whatever layers in it are finished and intact (a partial job included).
@@ -32,7 +33,7 @@ public struct CheckpointInspection: Sendable {
         let trimmed = given.hasSuffix("/") ? String(given.dropLast()) : given
         let directory = (trimmed as NSString).lastPathComponent == "checkpoints" ? (trimmed as NSString).deletingLastPathComponent : trimmed
         guard let manifest = CheckpointStore.existingManifest(in: directory) else {
-            throw JobError("\(given): no readable checkpoints/\(CheckpointStore.manifestFileName) (is this a lora-ga output directory?)")
+            throw JobError(.badInput, "\(given): no readable checkpoints/\(CheckpointStore.manifestFileName) (is this a lora-ga output directory?)")
         }
         let checkpoints = (directory as NSString).appendingPathComponent("checkpoints")
         let rank = manifest.settings.lora.rank

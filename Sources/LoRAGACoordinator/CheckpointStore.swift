@@ -1,6 +1,7 @@
 import Foundation
 import LoRAGACore
 import LoRAGAFormats
+import LoRAGADaemon
 
 /// The job's durable record: what was asked (settings, layers) and what is finished
 /// (each layer's checkpoint file and its CRC-32C). Rewritten atomically after every layer.
@@ -57,10 +58,10 @@ public final class CheckpointStore {
             do {
                 existing = try JSONDecoder().decode(JobManifest.self, from: data)
             } catch {
-                throw JobError("\(manifestPath): unreadable manifest (\(error)); pass --restart to start the job over")
+                throw JobError(.badInput, "\(manifestPath): unreadable manifest (\(error)); pass --restart to start the job over")
             }
             if let difference = CheckpointStore.difference(existing, fresh) {
-                throw JobError("\(directory) holds a different job (\(difference)); use another --out, or pass --restart to discard it")
+                throw JobError(.usage, "\(directory) holds a different job (\(difference)); use another --out, or pass --restart to discard it")
             }
             manifest = existing
             dropCorruptCheckpoints()

@@ -1,3 +1,4 @@
+import LoRAGADaemon
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGAWire
@@ -105,6 +106,7 @@ extension CoordinatorEngine {
             incoming[connection] = .some(shard)
         }
         work[shard.layer]?.bytes += wireBytes
+        options.metrics.received(bytes: wireBytes)
         totalBytes += wireBytes
     }
 
@@ -137,7 +139,7 @@ extension CoordinatorEngine {
                 work[index, default: LayerWork(started: .now)].accumulator = try LayerAccumulator(
                     name: layer.name, rows: layer.rows, cols: layer.cols, settings: options.settings, reusing: reusable.map { spareSums.remove(at: $0) })
             } catch {
-                perform(machine.fail(JobError("\(error)")))
+                perform(machine.fail(JobError(ExitStatus.kind(of: error), "\(error)")))
                 return nil
             }
         }

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import LoRAGACore
+import LoRAGADaemon
 import LoRAGAFormats
 import LoRAGAWire
 import NIOCore
@@ -149,6 +150,7 @@ public actor CoordinatorEngine {
             logger.info("worker '\(worker)' disconnected")
         }
         perform(machine.connectionClosed(connection))
+        options.metrics.workersConnected(connections.keys.filter { machine.isActive($0) }.count)
     }
 
     /// A connection's inbound stream failed to decode (garbage, oversize frame): drop it, job unharmed.
@@ -183,6 +185,7 @@ public actor CoordinatorEngine {
             perform(machine.announced(on: connection, layers: layers, regions: regions))
             if let worker = machine.worker(on: connection), machine.isActive(connection) {
                 logger.info("worker '\(worker)' joined with \(layers.count) layers (\(machine.workerIDs.count)/\(options.expectedWorkers) workers)")
+                options.metrics.workersConnected(connections.keys.filter { machine.isActive($0) }.count)
             }
         case .shard(let shard):
             receiveShard(shard, from: connection)
@@ -225,6 +228,7 @@ public actor CoordinatorEngine {
         work[index]!.powerReplies[worker] = Matrix(rows: expectedRows, cols: finder.sketchWidth, storage: values)
         work[index]!.bytes += reply.payload.readableBytes
         totalBytes += reply.payload.readableBytes
+        options.metrics.received(bytes: reply.payload.readableBytes)
         perform(machine.powerReplyStored(layer: index, worker: worker))
     }
 
@@ -255,6 +259,7 @@ public actor CoordinatorEngine {
                 connections[connection]?.gate.open()
                 connections[connection]?.outbox.yield(.message(.jobSpec(jobSpec())))
             case .layersKnown(let layers):
+                options.metrics.jobStarted(layers: layers.count, done: machine.finished.count)
                 guard store == nil else { continue }   // a resumed job opened its store already
                 do {
                     store = try CheckpointStore(directory: options.outputDirectory, settings: options.settings, layers: layers, restart: options.restart)
@@ -265,7 +270,7 @@ public actor CoordinatorEngine {
                         for part in parts { logger.info("layer '\(part.layer)': worker '\(part.worker)' holds \(part.part)") }
                     }
                 } catch {
-                    perform(machine.fail(JobError("\(error)")))
+                    perform(machine.fail(JobError(ExitStatus.kind(of: error), "\(error)")))
                 }
             case .openLayer(let index, let layer):
                 openLayer(index, layer)
@@ -370,7 +375,7 @@ public actor CoordinatorEngine {
             work[index]!.finder = finder
             advancePower(index, step: step, round: 0)
         } catch {
-            perform(machine.fail(JobError("\(error)")))
+            perform(machine.fail(JobError(ExitStatus.kind(of: error), "\(error)")))
         }
     }
 
@@ -406,7 +411,7 @@ public actor CoordinatorEngine {
             work[index]?.finder = finder
             advancePower(index, step: step, round: round)
         } catch {
-            perform(machine.fail(JobError("\(error)")))
+            perform(machine.fail(JobError(ExitStatus.kind(of: error), "\(error)")))
         }
     }
 
@@ -452,7 +457,7 @@ public actor CoordinatorEngine {
             case .success(let (factors, svd, fidelity)):
                 self.record(index, factors: factors, svd: svd, fidelity: fidelity, transferred: transferred, computed: self.seconds(since: started))
             case .failure(let error):
-                self.perform(self.machine.fail(JobError("layer '\(job.name)': \(error)")))
+                self.perform(self.machine.fail(JobError(ExitStatus.kind(of: error), "layer '\(job.name)': \(error)")))
             }
         }
     }
@@ -467,17 +472,15 @@ public actor CoordinatorEngine {
         do {
             try store.record(layer: layer, factors: factors, svd: svd, report: report)
         } catch {
-            return perform(machine.fail(JobError("layer '\(layer.name)': \(error)")))
+            return perform(machine.fail(JobError(ExitStatus.kind(of: error), "layer '\(layer.name)': \(error)")))
         }
         let done = machine.finished.count + 1
         // In power mode the time before finalizing is rounds of worker compute, not transfer.
         let timing = settings.mode == .power
             ? String(format: "%d power passes %.2f s, factors %.2f s", settings.passes, transferred, computed)
             : String(format: "transfer %.2f s (%.0f MB/s), factors %.2f s", transferred, Double(bytes) / 1e6 / max(transferred, 1e-9), computed)
-        let total = machine.layers!.count
-        let elapsed = seconds(since: started)
-        let eta = elapsed / Double(done) * Double(total - done)
-        logger.info("[\(done)/\(total)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received")); \(timing); ETA \(Int(eta.rounded())) s")
+        let eta = options.metrics.layerDone(seconds: transferred + computed)
+        logger.info("[\(done)/\(machine.layers!.count)] \(LocalJob.describe(report).replacingOccurrences(of: "read", with: "received")); \(timing); \(eta)")
         work[index] = nil
         perform(machine.layerFinalized(index))
     }

@@ -1,5 +1,6 @@
 import Foundation
 import LoRAGACore
+import LoRAGADaemon
 import LoRAGAFormats
 import LoRAGAWire
 
@@ -23,6 +24,8 @@ public struct CoordinatorOptions: Sendable {
     public var restart = false
     /// When set, every worker must prove it knows this secret before it can send anything.
     public var secret: JobSecret?
+    /// Prometheus metrics and the progress estimate of the per-layer log lines.
+    public var metrics = CoordinatorMetrics()
     /// How long a new connection may take to greet and announce before it is closed.
     public var handshakeTimeout: Duration = .seconds(10)
     /// Connections that have not finished the handshake, at most; more are refused at once.

@@ -2,6 +2,8 @@ import Logging
 import LoRAGAWire
 import NIOCore
 import NIOPosix
+import NIOSSL
+import LoRAGADaemon
 
 /// The coordinator's TCP side: accepts workers, frames messages, and hands them to the
 /// engine one at a time per connection (so a busy engine slows the sender down through
@@ -12,8 +14,12 @@ public struct CoordinatorServer: Sendable {
     public let options: CoordinatorOptions
     public let maxFrameLength: Int
     public var logger: Logger
+    /// Serve TLS with this context (workers then connect with `--tls-ca`); nil: plaintext.
+    public var tls: NIOSSLContext?
 
-    public init(host: String, port: Int, options: CoordinatorOptions, maxFrameLength: Int = WireProtocol.defaultMaxFrameLength, logger: Logger) {
+    public init(host: String, port: Int, options: CoordinatorOptions, maxFrameLength: Int = WireProtocol.defaultMaxFrameLength,
+                tls: NIOSSLContext? = nil, logger: Logger) {
+        self.tls = tls
         self.host = host
         self.port = port
         self.options = options
@@ -37,12 +43,24 @@ public struct CoordinatorServer: Sendable {
     private func run(computeGroup: MultiThreadedEventLoopGroup, onListening: @Sendable (Int, CoordinatorEngine) async -> Void) async throws -> CoordinatorSummary {
         let engine = try CoordinatorEngine(options: options, computeLoop: computeGroup.next(), logger: logger)
         let maxFrameLength = self.maxFrameLength
+        let tls = self.tls
+        let logger = self.logger
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20))
             .bind(host: host, port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        // A plaintext worker would wait for our challenge while TLS waits for its
+                        // ClientHello: the detector tells it, in plaintext, that TLS is required.
+                        try channel.pipeline.syncOperations.addHandler(PlaintextPeerDetector())
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls))
+                    } else {
+                        try channel.pipeline.syncOperations.addHandler(TLSClientDetector { peer in
+                            logger.warning("a TLS client connected from \(peer.map { "\($0)" } ?? "?"), but this coordinator speaks plaintext: give it --tls-cert and --tls-key, or drop the worker's --tls-ca")
+                        })
+                    }
                     // Until the peer's Hello is accepted, its decoder takes only a small Hello.
                     let gate = HandshakeGate()
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(StreamingFrameDecoder(maxFrameLength: maxFrameLength, gate: gate)))
@@ -57,7 +75,7 @@ public struct CoordinatorServer: Sendable {
                 }
             }
         let boundPort = server.channel.localAddress?.port ?? port
-        logger.info("listening on \(host):\(boundPort), waiting for \(options.expectedWorkers) workers")
+        logger.info("listening on \(host):\(boundPort)\(tls == nil ? "" : " (TLS)"), waiting for \(options.expectedWorkers) workers")
         await engine.startGatherTimer()
         await onListening(boundPort, engine)
 

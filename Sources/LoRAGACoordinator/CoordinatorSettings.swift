@@ -1,4 +1,6 @@
 import LoRAGACore
+import LoRAGADaemon
+import NIOSSL
 import LoRAGAFormats
 import LoRAGAWire
 
@@ -22,75 +24,77 @@ extension FactorConvention: LosslessStringConvertible {
     public var description: String { rawValue }
 }
 
-/// The coordinator's settings resolved from flags, environment and config file.
+/// The coordinator's settings resolved from flags, environment and config file, as
+/// declared in ``SettingsCatalog/coordinator``.
 public struct CoordinatorSettings: Sendable {
     public var host: String
     public var port: Int
     /// Write the bound port here once listening (lets `--listen HOST:0` be used by scripts).
     public var portFile: String?
     public var options: CoordinatorOptions
+    /// Set when the coordinator serves TLS (`--tls-cert`, `--tls-key`).
+    public var tls: NIOSSLContext?
 
     /// Every key the coordinator reads, as flag names (also the config file's keys).
-    public static let keys = [
-        "listen", "workers", "out", "rank", "alpha", "rslora", "direction", "scale", "gamma", "method", "convention",
-        "micro-batches", "fan-in-fan-out", "mode",
-        "oversampling", "passes", "sketch-width", "seed", "window", "payload-dtype", "compress",
-        "adapter-dtype", "gather-timeout", "rejoin-timeout", "restart", "port-file", "secret-file", "insecure",
-    ]
+    public static var keys: [String] { SettingsCatalog.coordinator.names }
 
     /// - Parameter flags: values given on the command line, keyed like `keys`.
-    public init(flags: [String: String], layers settings: LayeredSettings) throws {
-        let unknown = Set(flags.keys).subtracting(CoordinatorSettings.keys)
-        precondition(unknown.isEmpty, "unknown coordinator settings \(unknown)")
-        func get<T: LosslessStringConvertible>(_ key: String, _ fallback: T) throws -> T {
-            try optional(key) ?? fallback
-        }
-        func optional<T: LosslessStringConvertible>(_ key: String) throws -> T? {
-            guard let (text, source) = settings.text(key, flag: flags[key]) else { return nil }
-            guard let value = T(text) else { throw JobError("\(source): '\(text)' is not a valid \(key)") }
-            return value
-        }
-        let (host, port) = try LayeredSettings.hostAndPort(try get("listen", "127.0.0.1:7070"), setting: "listen")
-        let rank: Int = try get("rank", 8)
-        let scaleName: String = try get("scale", "stable")
-        let method: LoRAMethod = try get("method", LoRAMethod.loraGA)
-        let gamma: Double = try get("gamma", method.defaultGamma)
+    public init(flags: [String: String], layers: LayeredSettings) throws {
+        try self.init(ResolvedSettings(schema: SettingsCatalog.coordinator, flags: flags.mapValues { [$0] }, layers: layers))
+    }
+
+    public init(_ settings: ResolvedSettings) throws {
+        precondition(settings.schema.command == SettingsCatalog.coordinator.command, "not the coordinator's settings")
+        let (host, port) = try LayeredSettings.hostAndPort(try settings.required("listen"), setting: "listen")
+        let rank: Int = try settings.required("rank")
+        let method: LoRAMethod = try settings.required("method")
+        let gamma: Double = try settings.value("gamma") ?? method.defaultGamma
         let scale: LoRAGAScale
-        switch scaleName {
-        case "stable": scale = .stable(gamma: gamma)
+        switch try settings.required("scale", as: String.self) {
         case "unit": scale = .unit
         case "gd": scale = .gd
-        default: throw JobError("scale '\(scaleName)' is not one of stable, unit, gd")
+        default: scale = .stable(gamma: gamma)
         }
         let lora = LoRAConfiguration(
-            rank: rank, alpha: try get("alpha", Double(2 * rank)), useRSLoRA: try get("rslora", false),
-            direction: try get("direction", LoRAGADirection.ArB2r), scale: scale, method: method,
-            convention: try get("convention", FactorConvention.reference), microBatches: try get("micro-batches", 1),
-            fanInFanOut: try get("fan-in-fan-out", false))
+            rank: rank, alpha: try settings.value("alpha") ?? Double(2 * rank), useRSLoRA: try settings.flag("rslora"),
+            direction: try settings.required("direction"), scale: scale, method: method,
+            convention: try settings.required("convention"), microBatches: try settings.required("micro-batches"),
+            fanInFanOut: try settings.flag("fan-in-fan-out"))
         let job = JobSettings(
-            lora: lora, mode: try get("mode", SVDMode.power),
-            oversampling: try optional("oversampling"), passes: try optional("passes"), sketchWidth: try optional("sketch-width"),
-            seed: try get("seed", SVDDefaults.seed))
-        guard let workers: Int = try optional("workers") else { throw JobError(LayeredSettings.missing("workers")) }
-        guard let out: String = try optional("out") else { throw JobError(LayeredSettings.missing("out")) }
+            lora: lora, mode: try settings.required("mode"),
+            oversampling: try settings.value("oversampling"), passes: try settings.value("passes"), sketchWidth: try settings.value("sketch-width"),
+            seed: try settings.required("seed"))
+        let workers: Int = try settings.required("workers")
+        let out: String = try settings.required("out")
         var options = CoordinatorOptions(settings: job, expectedWorkers: workers, outputDirectory: out)
-        options.window = try get("window", 2)
-        options.payloadDType = try CoordinatorSettings.dtype(try get("payload-dtype", "f32"), key: "payload-dtype")
-        options.adapterDType = try CoordinatorSettings.dtype(try get("adapter-dtype", "f32"), key: "adapter-dtype")
-        options.compressShards = try get("compress", false)
-        options.gatherTimeout = .seconds(try get("gather-timeout", 600.0))
-        options.rejoinTimeout = .seconds(try get("rejoin-timeout", 120.0))
-        options.restart = try get("restart", false)
-        if let secretFile: String = try optional("secret-file") {
-            options.secret = try JobSecret(file: secretFile)
-        } else if !(try get("insecure", false)) && !CoordinatorSettings.isLoopback(host) {
-            throw JobError("refusing to listen on \(host) without a shared secret: anyone who can reach it could add gradients. Give --secret-file (or LORA_GA_SECRET_FILE), or --insecure on a network you trust")
+        options.window = try settings.required("window")
+        options.payloadDType = try CoordinatorSettings.dtype(try settings.required("payload-dtype"), key: "payload-dtype")
+        options.adapterDType = try CoordinatorSettings.dtype(try settings.required("adapter-dtype"), key: "adapter-dtype")
+        options.compressShards = try settings.flag("compress")
+        options.gatherTimeout = .seconds(try settings.required("gather-timeout", as: Double.self))
+        options.rejoinTimeout = .seconds(try settings.required("rejoin-timeout", as: Double.self))
+        options.restart = try settings.flag("restart")
+        options.handshakeTimeout = .seconds(try settings.required("handshake-timeout", as: Double.self))
+        options.stallWarning = .seconds(try settings.required("stall-warning", as: Double.self))
+        if let secretFile: String = try settings.value("secret-file") {
+            do { options.secret = try JobSecret(file: secretFile) } catch { throw JobError(.usage, "--secret-file \(secretFile): \(error)") }
+        } else if !(try settings.flag("insecure")) && !CoordinatorSettings.isLoopback(host) {
+            throw JobError(.usage, "refusing to listen on \(host) without a shared secret: anyone who can reach it could add gradients. Give --secret-file (or LORA_GA_SECRET_FILE), or --insecure on a network you trust")
         }
         let problems = job.validationErrors() + (workers < 1 ? ["workers must be at least 1"] : []) + (options.window < 1 ? ["window must be at least 1"] : [])
-        guard problems.isEmpty else { throw JobError(problems.joined(separator: "; ")) }
+        guard problems.isEmpty else { throw JobError(.usage, problems.joined(separator: "; ")) }
+        let certificate: String? = try settings.value("tls-cert"), key: String? = try settings.value("tls-key")
+        let clientCA: String? = try settings.value("tls-client-ca")
+        switch (certificate, key) {
+        case let (certificate?, key?): tls = try DaemonTLS.serverContext(certificate: certificate, key: key, clientCA: clientCA)
+        case (nil, nil):
+            guard clientCA == nil else { throw JobError(.usage, "--tls-client-ca needs --tls-cert and --tls-key") }
+            tls = nil
+        default: throw JobError(.usage, "--tls-cert and --tls-key go together")
+        }
         self.host = host
         self.port = port
-        self.portFile = try optional("port-file")
+        self.portFile = try settings.value("port-file")
         self.options = options
     }
 
@@ -104,7 +108,7 @@ public struct CoordinatorSettings: Sendable {
         case "f32": return .f32
         case "bf16": return .bf16
         case "f16": return .f16
-        default: throw JobError("\(key) '\(name)' is not one of f32, bf16, f16")
+        default: throw JobError(.usage, "\(key) '\(name)' is not one of f32, bf16, f16")
         }
     }
 }

@@ -1,3 +1,4 @@
+import LoRAGADaemon
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGAWire

@@ -1,6 +1,7 @@
 import Foundation
 import LoRAGACore
 import LoRAGAFormats
+import LoRAGADaemon
 
 /// `lora-ga init`: the whole job in one process, reading gradient files directly.
 /// Layers go one at a time (memory is one layer's state), each checkpointed as it finishes.
@@ -10,6 +11,8 @@ public struct LocalJob {
     public let store: CheckpointStore
     /// Called with one line per finished layer.
     public var progress: (String) -> Void
+    /// Called with (layers done, layers in the job) after each layer, finished or skipped (for a progress bar).
+    public var layerDone: (Int, Int) -> Void = { _, _ in }
     /// Power mode: spend one more read of each layer on the fidelity estimate (dense mode has
     /// the layer in memory and always estimates; `lora-ga verify` measures it exactly).
     public var estimatesFidelity = false
@@ -18,7 +21,7 @@ public struct LocalJob {
 
     public init(files: GradientFileSet, settings: JobSettings, outputDirectory: String, restart: Bool = false, progress: @escaping (String) -> Void = { _ in }) throws {
         let problems = settings.validationErrors()
-        guard problems.isEmpty else { throw JobError(problems.joined(separator: "; ")) }
+        guard problems.isEmpty else { throw JobError(.usage, problems.joined(separator: "; ")) }
         self.files = files
         self.settings = settings
         self.lock = try OutputLock(directory: outputDirectory, purpose: "lora-ga init")
@@ -34,13 +37,17 @@ public struct LocalJob {
         for dropped in store.droppedLayers {
             progress("checkpoint of '\(dropped)' failed its checks; recomputing it")
         }
+        var tracker = JobProgress(total: layers.count, done: layers.filter { store.isFinished($0) }.count)
         for (index, layer) in layers.enumerated() {
             if store.isFinished(layer) {
                 progress("[\(index + 1)/\(layers.count)] \(layer.name): already finished, skipped")
+                layerDone(tracker.done, layers.count)
                 continue
             }
             let report = try solve(layer)
-            progress("[\(index + 1)/\(layers.count)] " + LocalJob.describe(report))
+            tracker.layerDone()
+            progress("[\(index + 1)/\(layers.count)] " + LocalJob.describe(report) + "; " + tracker.estimate())
+            layerDone(tracker.done, layers.count)
         }
         try store.writeAdapter(dtype: adapterDType)
         return store.finishedReports

@@ -6,6 +6,8 @@ import LoRAGAWire
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import NIOSSL
+import LoRAGADaemon
 
 /// How a worker joins a job.
 public struct WorkerOptions: Sendable {
@@ -33,6 +35,14 @@ public struct WorkerOptions: Sendable {
     /// Cap on shard bandwidth in bytes per second (nil: as fast as TCP goes), to spare a
     /// network the training job shares.
     public var maxBytesPerSecond: Double?
+    /// Connect with TLS using this context (built from `--tls-ca`, and `--tls-cert`/`--tls-key`
+    /// for mutual TLS); nil: plaintext.
+    public var tls: NIOSSLContext?
+    /// The name the coordinator's certificate must carry (default: `host`; an IP address is
+    /// checked against the certificate's IP entries).
+    public var tlsServerName: String?
+    /// Prometheus metrics: bytes and rows sent, reconnects, memory.
+    public var metrics = WorkerMetrics()
 
     public init(host: String, port: Int, id: String, gradientPaths: [String]) {
         self.host = host
@@ -54,11 +64,25 @@ public struct WorkerSummary: Sendable {
 }
 
 /// Why a worker stopped without the job finishing.
-public struct WorkerError: Error, CustomStringConvertible {
+public struct WorkerError: ClassifiedError, CustomStringConvertible {
     public let message: String
     /// The coordinator refused this worker (bad id, shapes, secret…): retrying cannot help.
     public let isFinal: Bool
+    /// Which kind of failure (and so which exit status) this is, decided where it is raised.
+    public var kind: JobError.Kind = .other
     public var description: String { message }
+}
+
+extension WireErrorCode {
+    /// The kind of failure a worker refused with this code has.
+    var failureKind: JobError.Kind {
+        switch self {
+        case .badAuth: .authentication
+        case .shapeMismatch, .layerMismatch, .badData: .badInput
+        case .duplicateWorker, .badVersion: .usage
+        case .internal, .jobFailed: .other
+        }
+    }
 }
 
 /// A worker: reads its gradient files and serves the coordinator's requests — stream a
@@ -86,7 +110,7 @@ public struct WorkerClient: Sendable {
             // The coordinator would otherwise wait out its whole gather timeout for this worker.
             let message = "worker '\(options.id)': \(error)"
             await report(message)
-            throw WorkerError(message: message, isFinal: true)
+            throw WorkerError(message: message, isFinal: true, kind: .badInput)
         }
         gradients.logger = logger
         logger.info("worker '\(options.id)': \(gradients.files.files.count) gradient files, \(gradients.files.layers.count) layers")
@@ -104,8 +128,11 @@ public struct WorkerClient: Sendable {
             do {
                 channel = try await connect()
             } catch {
+                if DaemonTLS.isTLSError(error) { throw tlsFailure(error) }
                 guard ContinuousClock.now < deadline else {
-                    throw WorkerError(message: "could not reach the coordinator at \(options.host):\(options.port) within \(options.connectTimeout): \(error)", isFinal: true)
+                    // Resumable: the coordinator may come back (a restart resumes the job).
+                    throw WorkerError(message: "could not reach the coordinator at \(options.host):\(options.port) within \(options.connectTimeout): \(error)",
+                                      isFinal: true, kind: .interrupted)
                 }
                 logger.info("coordinator at \(options.host):\(options.port) not reachable (\(error)); retrying in \(delay)")
                 try await Task.sleep(for: delay)
@@ -113,6 +140,7 @@ public struct WorkerClient: Sendable {
                 continue
             }
             summary.connections += 1
+            if summary.connections > 1 { options.metrics.reconnected() }
             delay = .milliseconds(100)
             do {
                 if let path = try await serve(channel, gradients: gradients, pool: pool, sessionNonce: sessionNonce, summary: &summary) {
@@ -124,6 +152,8 @@ public struct WorkerClient: Sendable {
                 throw error
             } catch where Task.isCancelled {
                 throw CancellationError()
+            } catch let error where DaemonTLS.isTLSError(error) {
+                throw tlsFailure(error)
             } catch {
                 logger.warning("connection to the coordinator failed (\(error)); reconnecting")
             }
@@ -157,13 +187,25 @@ public struct WorkerClient: Sendable {
         timeout.cancel()
     }
 
+    /// A TLS handshake that failed: a plaintext coordinator, or a certificate the CA did not
+    /// sign. Retrying cannot help; the configuration must change.
+    private func tlsFailure(_ error: Error) -> WorkerError {
+        WorkerError(message: "TLS with the coordinator at \(options.host):\(options.port) failed (\(error)): does it serve TLS (--tls-cert/--tls-key), signed by the CA in --tls-ca? A coordinator without --tls-cert speaks plaintext: then drop --tls-ca",
+                    isFinal: true, kind: .usage)
+    }
+
     private func connect() async throws -> NIOAsyncChannel<WireMessage, WireMessage> {
         let maxFrameLength = options.maxFrameLength
+        let tls = options.tls
+        let serverName = options.tlsServerName ?? (Self.isIPAddress(options.host) ? nil : options.host)
         return try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelOption(.allowRemoteHalfClosure, value: true)
             .connectTimeout(.seconds(5))
             .connect(host: options.host, port: options.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: serverName))
+                    }
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameDecoder(maxFrameLength: maxFrameLength)))
                     try channel.pipeline.syncOperations.addHandler(FrameWriter(maxFrameLength: maxFrameLength))
                     return try NIOAsyncChannel<WireMessage, WireMessage>(
@@ -171,6 +213,10 @@ public struct WorkerClient: Sendable {
                         configuration: .init(isOutboundHalfClosureEnabled: true))
                 }
             }
+    }
+
+    static func isIPAddress(_ host: String) -> Bool {
+        (try? SocketAddress(ipAddress: host, port: 0)) != nil
     }
 
     /// One connection's conversation. Returns the adapter path when the job is done, nil if
@@ -183,6 +229,9 @@ public struct WorkerClient: Sendable {
             switch try await messages.next() {
             case .challenge(let received): challenge = received
             case nil: return nil   // closed before greeting us (a coordinator going down): try again
+            case .error(let error)?:
+                // Refused before the handshake (e.g. a TLS coordinator answering a plaintext worker).
+                throw WorkerError(message: "the coordinator at \(options.host):\(options.port) refused the connection: \(error.message)", isFinal: true, kind: error.code.failureKind)
             case let other?:
                 throw WorkerError(message: "the peer at \(options.host):\(options.port) is not a lora-ga coordinator (it opened with \(other.type))", isFinal: true)
             }
@@ -191,7 +240,7 @@ public struct WorkerClient: Sendable {
             let spec: JobSpec
             switch try await messages.next() {
             case .jobSpec(let received): spec = received
-            case .error(let error): throw WorkerError(message: "the coordinator refused worker '\(options.id)': \(error.message)", isFinal: true)
+            case .error(let error): throw WorkerError(message: "the coordinator refused worker '\(options.id)': \(error.message)", isFinal: true, kind: error.code.failureKind)
             case nil: return nil
             case let other?: throw WorkerError(message: "expected JobSpec, got \(other.type)", isFinal: true)
             }
@@ -205,7 +254,7 @@ public struct WorkerClient: Sendable {
                 // Bad data in this worker's files: no correct adapter can come of the job. Say so, and stop.
                 let message = "worker '\(options.id)': \(error)"
                 try? await outbound.write(.error(ErrorMessage(code: .badData, message: message)))
-                throw WorkerError(message: message, isFinal: true)
+                throw WorkerError(message: message, isFinal: true, kind: .badInput)
             }
         }
     }
@@ -222,7 +271,9 @@ public struct WorkerClient: Sendable {
                 }
                 layerByIndex[begin.layerIndex] = layer
                 if spec.mode != .power {
-                    summary.bytesSent += try await sendLayer(begin, layer: layer, spec: spec, gradients: gradients, pool: pool, outbound: outbound)
+                    let bytes = try await sendLayer(begin, layer: layer, spec: spec, gradients: gradients, pool: pool, outbound: outbound)
+                    summary.bytesSent += bytes
+                    options.metrics.sent(bytes: bytes, rows: layer.rows)
                     summary.layersSent += 1
                     gradients.release(layer)   // streamed once; a restarted layer gets a new reader
                 }
@@ -234,6 +285,7 @@ public struct WorkerClient: Sendable {
                 try await outbound.write(.powerReply(reply))
                 summary.bytesSent += reply.payload.readableBytes
                 summary.powerReplies += 1
+                options.metrics.sent(bytes: reply.payload.readableBytes, rows: layer.rows)
             case .layerDone(let done):
                 if let layer = layerByIndex.removeValue(forKey: done.layerIndex) { gradients.release(layer) }
             case .jobDone(let done):
@@ -241,7 +293,7 @@ public struct WorkerClient: Sendable {
                 outbound.finish()
                 return done.adapterPath
             case .error(let error):
-                throw WorkerError(message: "coordinator: \(error.message)", isFinal: error.code != .badData)
+                throw WorkerError(message: "coordinator: \(error.message)", isFinal: error.code != .badData, kind: error.code.failureKind)
             case .goodbye:
                 return nil
             case .challenge, .jobSpec, .hello, .announce, .shard, .layerCommit, .powerReply:

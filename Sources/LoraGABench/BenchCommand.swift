@@ -84,7 +84,8 @@ struct BenchCommand: ParsableCommand {
             }
         }
 
-        func run() throws {
+
+    func run() throws {
             BLAS.configureThreads()
             var report = MachineReport(
                 openblasThreads: Int(openblas_get_num_threads()),

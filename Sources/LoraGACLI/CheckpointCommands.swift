@@ -2,8 +2,9 @@ import ArgumentParser
 import Foundation
 import LoRAGACoordinator
 import LoRAGAFormats
+import LoRAGADaemon
 
-struct InspectCommand: ParsableCommand {
+struct InspectCommand: ParsableCommand, LoggingCommand {
     static let configuration = CommandConfiguration(
         commandName: "inspect",
         abstract: "Show a job directory's checkpoints, or what gradient files hold: layers, blocks, coverage.",
@@ -23,16 +24,18 @@ struct InspectCommand: ParsableCommand {
     @Argument(help: "The job's output directory (or its checkpoints/ folder), or gradient files and directories.")
     var paths: [String]
 
+    @OptionGroup var logging: LogOptions
+
     func run() throws {
         if paths.count == 1, Self.isJobDirectory(paths[0]) {
             let inspection = try CheckpointInspection(directory: paths[0])
             print(inspection.report())
-            if inspection.layers.contains(where: { $0.state == .corrupt || $0.state == .missing }) { throw ExitCode(3) }
+            if inspection.layers.contains(where: { $0.state == .corrupt || $0.state == .missing }) { throw ExitCode(JobError.Kind.badInput.exitCode) }
             return
         }
         let files = try GradientFileSet(paths: paths, target: target, uncovered: .zero)
         print(files.report())
-        if !files.uncoveredLayers.isEmpty { throw ExitCode(3) }
+        if !files.uncoveredLayers.isEmpty { throw ExitCode(JobError.Kind.badInput.exitCode) }
     }
 
     /// A lora-ga output directory (it has checkpoints/) or its checkpoints/ folder.
@@ -44,7 +47,7 @@ struct InspectCommand: ParsableCommand {
     }
 }
 
-struct ExportCommand: ParsableCommand {
+struct ExportCommand: ParsableCommand, LoggingCommand {
     static let configuration = CommandConfiguration(
         commandName: "export",
         abstract: "Write a PEFT adapter from a job's checkpoints (also from a partial job: its finished layers).")
@@ -57,6 +60,8 @@ struct ExportCommand: ParsableCommand {
 
     @Option(help: "dtype of the adapter tensors: f32, bf16 or f16.")
     var dtype: AdapterDType = .f32
+
+    @OptionGroup var logging: LogOptions
 
     func run() throws {
         let inspection = try CheckpointInspection(directory: directory)

@@ -3,8 +3,9 @@ import Foundation
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGACoordinator
+import LoRAGADaemon
 
-struct InitCommand: ParsableCommand {
+struct InitCommand: ParsableCommand, LoggingCommand {
     static let configuration = CommandConfiguration(
         commandName: "init",
         abstract: "Compute LoRA-GA factors from gradient files in this process and write a PEFT adapter.",
@@ -43,14 +44,23 @@ struct InitCommand: ParsableCommand {
     @Argument(help: "Gradient files, or directories holding *.safetensors (searched recursively).")
     var paths: [String]
 
+    @OptionGroup var logging: LogOptions
+
     func run() throws {
         let files = try GradientFileSet(paths: paths, target: target, uncovered: allowUncovered ? .zero : .refused)
         let settings = lora.settings(microBatches: try lora.resolvedMicroBatches(files: files.files))
         log("lora-ga init: \(files.files.count) gradient files, \(files.layers.count) layers, rank \(settings.lora.rank), mode \(settings.mode.rawValue) → \(out)")
         var job = try LocalJob(files: files, settings: settings, outputDirectory: out, restart: restart, progress: log)
         job.estimatesFidelity = estimateFidelity
+        let bar = logging.logFormat == "text" ? ProgressBar.forTerminal(total: files.layers.count) : nil
+        if let bar {
+            CLILog.beforeWrite = { bar.clear() }
+            job.layerDone = { done, total in bar.update(done: done, total: total) }
+        }
         let clock = ContinuousClock.now
         let reports = try job.run(adapterDType: dtype.tensorDType)
+        bar?.finish()
+        CLILog.beforeWrite = {}
         let worst = reports.compactMap(\.fidelityEstimate).max()
         log("done: \(reports.count) layers in \(ContinuousClock.now - clock)"
             + (worst.map { String(format: ", worst ratio≈%.4f", $0) } ?? "")

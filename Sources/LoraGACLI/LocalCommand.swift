@@ -3,8 +3,9 @@ import Foundation
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGACoordinator
+import LoRAGADaemon
 
-struct LocalCommand: ParsableCommand {
+struct LocalCommand: ParsableCommand, LoggingCommand {
     static let configuration = CommandConfiguration(
         commandName: "local",
         abstract: "Run the distributed job on this machine: one lora-ga-coord and N lora-ga-worker processes over loopback TCP.",
@@ -41,6 +42,8 @@ struct LocalCommand: ParsableCommand {
         guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
     }
 
+    @OptionGroup var logging: LogOptions
+
     func run() throws {
         let directory = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
         let coordinatorPath = directory.appendingPathComponent("lora-ga-coord").path
@@ -52,6 +55,8 @@ struct LocalCommand: ParsableCommand {
         // Each worker holds its share and cannot see the others' blocks: check the whole set's
         // shapes, blocks and coverage here, before any process starts (headers only).
         _ = try GradientFileSet(paths: paths, uncovered: allowUncovered ? .zero : .refused)
+        // On a terminal the daemons only warn, and this draws their progress from the job's manifest.
+        let progressBar = logging.logFormat == "text" ? ProgressBar.forTerminal(total: 0) : nil
         guard files.count >= workers else {
             throw ValidationError("\(workers) workers need at least \(workers) gradient files; found \(files.count) under \(paths.joined(separator: " "))")
         }
@@ -79,7 +84,7 @@ struct LocalCommand: ParsableCommand {
             "--passes", "\(settings.passes)", "--sketch-width", "\(settings.sketchWidth)", "--seed", "\(settings.seed)",
             "--payload-dtype", payloadDtype.rawValue, "--summary-file", scratch.appendingPathComponent("coordinator.json").path,
             "--secret-file", secretFile,
-        ]
+        ] + childLogArguments(quiet: progressBar != nil)
         coordinatorArguments += [
             "--gamma", "\(settings.lora.gamma)", "--method", settings.lora.method.rawValue,
             "--convention", settings.lora.convention.rawValue, "--micro-batches", "\(settings.lora.microBatches)",
@@ -103,8 +108,22 @@ struct LocalCommand: ParsableCommand {
         }
         let workerProcesses = try shares.enumerated().map { index, share in
             try launch(workerPath, ["--connect", "127.0.0.1:\(port!)", "--id", "worker\(index)", "--secret-file", secretFile,
-                                    "--summary-file", scratch.appendingPathComponent("worker\(index).json").path]
+                                    "--summary-file", scratch.appendingPathComponent("worker\(index).json").path] + childLogArguments(quiet: progressBar != nil)
                 + share.flatMap { ["--grads", $0] })
+        }
+        if let progressBar {
+            CLILog.beforeWrite = { progressBar.clear() }
+            while coordinator.isRunning {
+                if let manifest = CheckpointStore.existingManifest(in: out) {
+                    progressBar.update(done: manifest.finished.count, total: manifest.layers.count)
+                }
+                Thread.sleep(forTimeInterval: 0.2)
+            }
+            if let manifest = CheckpointStore.existingManifest(in: out) {
+                progressBar.update(done: manifest.finished.count, total: manifest.layers.count)
+            }
+            progressBar.finish()
+            CLILog.beforeWrite = {}
         }
         coordinator.waitUntilExit()
         for process in workerProcesses {
@@ -116,9 +135,15 @@ struct LocalCommand: ParsableCommand {
         let failed = ([coordinator] + workerProcesses).filter { $0.terminationStatus != 0 }
         if !failed.isEmpty {
             log("lora-ga local: \(failed.count) process(es) failed (see their messages above)")
-            throw ExitCode(1)
+            // The coordinator's status says what happened to the job; a worker's when it alone failed.
+            throw ExitCode(failed[0].terminationStatus)
         }
         log("lora-ga local: adapter in \(out)/\(PEFTAdapter.weightsFileName); check it with: lora-ga verify --adapter \(out) \(paths.joined(separator: " "))")
+    }
+
+    /// The daemons log like this command.
+    private func childLogArguments(quiet: Bool) -> [String] {
+        ["--log-level", quiet ? "warning" : logging.logLevel, "--log-format", logging.logFormat]
     }
 
     private func launch(_ executable: String, _ arguments: [String]) throws -> Process {

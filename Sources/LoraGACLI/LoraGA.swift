@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import LoRAGACore
+import LoRAGADaemon
+import Logging
 
 @main
 struct LoraGA: ParsableCommand {
@@ -16,9 +18,13 @@ struct LoraGA: ParsableCommand {
             blocks add where they overlap, and a layer they leave partly uncovered is refused \
             unless --allow-uncovered.
 
+            Every subcommand takes --log-level and --log-format text|json.
+
             Typical use:
               lora-ga init --rank 8 --out adapter/ grads/worker0 grads/worker1
               lora-ga verify --adapter adapter/ grads/worker0 grads/worker1
+
+            \(ExitStatus.helpText)
             """,
         subcommands: [InitCommand.self, LocalCommand.self, VerifyCommand.self, InspectCommand.self, ExportCommand.self, SynthCommand.self])
 
@@ -27,7 +33,13 @@ struct LoraGA: ParsableCommand {
         do {
             command = try parseAsRoot()
         } catch {
-            exit(withError: error)   // usage errors: no BLAS, nothing to say about it
+            // --help and --version exit 0; every other parse or validation error is a usage error (2).
+            if exitCode(for: error).isSuccess { exit(withError: error) }
+            FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
+            Foundation.exit(JobError.Kind.usage.exitCode)
+        }
+        if let logged = command as? LoggingCommand {
+            CLILog.configure(logged.logging)
         }
         // Before any BLAS call and any other thread. Not for the parser's own commands
         // (`lora-ga local --help` parses to ArgumentParser's help).
@@ -36,13 +48,65 @@ struct LoraGA: ParsableCommand {
         }
         do {
             try command.run()
-        } catch {
+        } catch let error as ExitCode {
             exit(withError: error)
+        } catch let error as ValidationError {
+            FileHandle.standardError.write(Data(("lora-ga: " + fullMessage(for: error) + "\n").utf8))
+            Foundation.exit(JobError.Kind.usage.exitCode)
+        } catch where exitCode(for: error).isSuccess {
+            exit(withError: error)   // help printed by the parser's own command
+        } catch {
+            let kind = ExitStatus.kind(of: error)
+            CLILog.write("error: \(error)", level: .error)
+            Foundation.exit(kind.exitCode)
+        }
+    }
+}
+
+/// A subcommand with `--log-level` and `--log-format`.
+protocol LoggingCommand {
+    var logging: LogOptions { get }
+}
+
+/// `--log-level` and `--log-format` of every lora-ga subcommand.
+struct LogOptions: ParsableArguments {
+    @Option(help: "Least severe message written: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+    @Option(help: "Messages on stderr as text, or as one JSON object per line (text, json).")
+    var logFormat: String = "text"
+
+    func validate() throws {
+        _ = try DaemonLogging.level(logLevel, source: "--log-level")
+        _ = try DaemonLogging.format(logFormat, source: "--log-format")
+    }
+}
+
+/// Where `log` writes: stderr, as plain lines or JSON objects, above a level.
+enum CLILog {
+    nonisolated(unsafe) static var level: Logger.Level = .info
+    nonisolated(unsafe) static var format: LogFormat = .text
+    /// Called before each line is written (the progress bar clears itself there).
+    nonisolated(unsafe) static var beforeWrite: () -> Void = {}
+
+    static func configure(_ options: LogOptions) {
+        level = (try? DaemonLogging.level(options.logLevel, source: "--log-level")) ?? .info
+        format = (try? DaemonLogging.format(options.logFormat, source: "--log-format")) ?? .text
+    }
+
+    static func write(_ line: String, level messageLevel: Logger.Level = .info) {
+        guard messageLevel >= level else { return }
+        beforeWrite()
+        switch format {
+        case .text:
+            FileHandle.standardError.write(Data((line + "\n").utf8))
+        case .json:
+            let fields = ["ts": JSONLogHandler.timestamp(), "level": messageLevel.rawValue, "label": "lora-ga", "msg": line]
+            FileHandle.standardError.write(Data((JSONLogHandler.line(fields) + "\n").utf8))
         }
     }
 }
 
 /// Progress and diagnostics go to stderr so stdout stays parseable.
 func log(_ line: String) {
-    FileHandle.standardError.write(Data((line + "\n").utf8))
+    CLILog.write(line)
 }

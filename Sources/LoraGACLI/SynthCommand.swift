@@ -3,7 +3,7 @@ import Foundation
 import LoRAGACore
 import LoRAGAFormats
 
-struct SynthCommand: ParsableCommand {
+struct SynthCommand: ParsableCommand, LoggingCommand {
     static let configuration = CommandConfiguration(
         commandName: "synth",
         abstract: "Write gradient files with a planted spectrum (exact answer known without an SVD).",
@@ -57,6 +57,8 @@ struct SynthCommand: ParsableCommand {
             return (rows, cols)
         }
     }
+
+    @OptionGroup var logging: LogOptions
 
     func run() throws {
         BLAS.configureThreads()

@@ -4,7 +4,7 @@ import LoRAGACore
 import LoRAGAFormats
 import LoRAGACoordinator
 
-struct VerifyCommand: ParsableCommand {
+struct VerifyCommand: ParsableCommand, LoggingCommand {
     static let configuration = CommandConfiguration(
         commandName: "verify",
         abstract: "Measure an adapter's LoRA-GA fidelity exactly against the gradient files.",
@@ -29,6 +29,8 @@ struct VerifyCommand: ParsableCommand {
 
     @Argument(help: "The gradient files or directories the adapter was computed from.")
     var paths: [String]
+
+    @OptionGroup var logging: LogOptions
 
     func run() throws {
         let files = try GradientFileSet(paths: paths, target: target, uncovered: allowUncovered ? .zero : .refused)

@@ -3,7 +3,7 @@ import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import LoRAGACore
-import LoRAGACoordinator
+import LoRAGADaemon
 import LoRAGAWorker
 import LoRAGAFormats
 import LoRAGAWire
@@ -18,50 +18,26 @@ struct WorkerCommand: AsyncParsableCommand {
             locally), joins the coordinator's job and serves it layer by layer: row-block shards \
             in dense and sketch mode, products with its gradient in power mode. Retries while the \
             coordinator is unreachable (--connect-timeout) and reconnects after a dropped \
-            connection; exits 0 when the adapter is written, 1 with the reason otherwise.
+            connection. See Config/worker.json.
 
-            Settings may also come from LORA_GA_<NAME> environment variables or a JSON --config file.
+            \(SettingsCatalog.worker.helpText())
+
+            \(ExitStatus.helpText)
             """)
 
-    @Option(help: "JSON config file (keys are the flag names).") var config: String?
-    @Option(help: "Coordinator address HOST:PORT (default 127.0.0.1:7070).") var connect: String?
-    @Option(help: "Gradient file or directory (repeatable; directories are searched for *.safetensors).") var grads: [String] = []
-    @Option(help: "This worker's id, unique in the job (default: hostname-pid).") var id: String?
-    @Option(help: "Seconds to keep trying to reach the coordinator (default 300).") var connectTimeout: Double?
-    @Option(help: "Write a JSON summary (bytes sent, peak RSS, CPU) here at the end.") var summaryFile: String?
-    @Option(help: "File holding the job's shared secret (also LORA_GA_SECRET_FILE).") var secretFile: String?
-    @Option(help: "Cap shard traffic at this many MB/s (default: no cap).") var rateLimit: Double?
+    /// Every setting is declared in ``SettingsCatalog/worker``; it parses them.
+    @Argument(parsing: .allUnrecognized, help: .hidden) var arguments: [String] = []
 
     func run() async throws {
-        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
-        var logger = Logger(label: "lora-ga-worker")
-        logger.logLevel = .info
-        if let note = BLAS.setUpForThisProcess() { logger.info("\(note)") }
-        let started = ContinuousClock.now
-        StreamingMemory.keepFrameBuffersMapped()
-        do {
-            let settings = try LayeredSettings(configFile: config)
-            let address = settings.text("connect", flag: connect)?.value ?? "127.0.0.1:7070"
-            let (host, port) = try LayeredSettings.hostAndPort(address, setting: "connect")
-            var paths = grads
-            if paths.isEmpty, let fromSettings = settings.text("grads", flag: nil)?.value {
-                paths = fromSettings.split(separator: ",").map(String.init)
-            }
-            guard !paths.isEmpty else { throw JobError(LayeredSettings.missing("grads")) }
-            let workerID = settings.text("id", flag: id)?.value ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
-            logger[metadataKey: "worker"] = "\(workerID)"
-            var options = WorkerOptions(host: host, port: port, id: workerID, gradientPaths: paths)
-            if let (text, source) = settings.text("connect-timeout", flag: connectTimeout.map { "\($0)" }) {
-                guard let seconds = Double(text), seconds >= 0 else { throw JobError("\(source): '\(text)' is not a number of seconds") }
-                options.connectTimeout = .seconds(seconds)
-            }
-            if let (text, source) = settings.text("rate-limit", flag: rateLimit.map { "\($0)" }) {
-                guard let rate = Double(text), rate > 0 else { throw JobError("\(source): '\(text)' is not a positive number of MB/s") }
-                options.maxBytesPerSecond = rate * 1e6
-            }
-            if let path = settings.text("secret-file", flag: secretFile)?.value {
-                options.secret = try JobSecret(file: path)
-            }
+        let metrics = WorkerMetrics()
+        let status = await DaemonMain.run(schema: SettingsCatalog.worker, label: "lora-ga-worker", arguments: arguments,
+                                          metrics: metrics.daemon) { settings, logger in
+            if let note = BLAS.setUpForThisProcess() { logger.info("\(note)") }
+            let started = ContinuousClock.now
+            StreamingMemory.keepFrameBuffersMapped()
+            var options = try Self.options(settings)
+            options.metrics = metrics
+            logger[metadataKey: "worker"] = "\(options.id)"
             let client = WorkerClient(options: options, logger: logger)
             let task = NIOLockedValueBox<Task<WorkerSummary, Error>?>(nil)
             let summary = try await GracefulJob.run(logger: logger, {
@@ -77,14 +53,39 @@ struct WorkerCommand: AsyncParsableCommand {
                 \(String(format: "%.1f", Double(summary.bytesSent) / 1e6)) MB sent over \(summary.connections) connection(s), \
                 peak RSS \(ResourceUsage.peakResidentBytes / 1_000_000) MB, CPU \(String(format: "%.1f", ResourceUsage.cpuSeconds)) s
                 """)
-            if let summaryFile {
+            if let summaryFile: String = try settings.value("summary-file") {
                 let elapsed = ContinuousClock.now - started
-                try ProcessSummary(role: workerID, bytes: summary.bytesSent, seconds: elapsed.seconds,
+                try ProcessSummary(role: options.id, bytes: summary.bytesSent, seconds: elapsed.seconds,
                                    inputBytes: summary.inputBytes).write(to: summaryFile)
             }
-        } catch {
-            logger.error("\(error)")
-            throw ExitCode(1)
         }
+        if status != 0 { throw ExitCode(status) }
+    }
+
+    /// The worker's options from its resolved settings.
+    static func options(_ settings: ResolvedSettings) throws -> WorkerOptions {
+        let (host, port) = try LayeredSettings.hostAndPort(try settings.required("connect"), setting: "connect")
+        let paths = settings.list("grads")
+        guard !paths.isEmpty else { throw JobError(.usage, LayeredSettings.missing("grads")) }
+        let id = try settings.value("id") ?? "\(ProcessInfo.processInfo.hostName)-\(ProcessInfo.processInfo.processIdentifier)"
+        var options = WorkerOptions(host: host, port: port, id: id, gradientPaths: paths)
+        let timeout: Double = try settings.required("connect-timeout")
+        guard timeout >= 0 else { throw JobError(.usage, "--connect-timeout must not be negative") }
+        options.connectTimeout = .seconds(timeout)
+        if let rate: Double = try settings.value("rate-limit") {
+            guard rate > 0 else { throw JobError(.usage, "--rate-limit must be a positive number of MB/s") }
+            options.maxBytesPerSecond = rate * 1e6
+        }
+        if let path: String = try settings.value("secret-file") {
+            do { options.secret = try JobSecret(file: path) } catch { throw JobError(.usage, "--secret-file \(path): \(error)") }
+        }
+        let certificate: String? = try settings.value("tls-cert"), key: String? = try settings.value("tls-key")
+        if let ca: String = try settings.value("tls-ca") {
+            options.tls = try DaemonTLS.clientContext(ca: ca, certificate: certificate, key: key)
+            options.tlsServerName = try settings.value("tls-server-name")
+        } else if certificate != nil || key != nil {
+            throw JobError(.usage, "--tls-cert/--tls-key need --tls-ca (the CA that signed the coordinator's certificate)")
+        }
+        return options
     }
 }

@@ -1,3 +1,4 @@
+import LoRAGADaemon
 import NIOCore
 import Testing
 import LoRAGACore

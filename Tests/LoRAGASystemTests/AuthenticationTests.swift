@@ -6,6 +6,7 @@ import Testing
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGACoordinator
+import LoRAGADaemon
 import LoRAGAWire
 import LoRAGAWorker
 

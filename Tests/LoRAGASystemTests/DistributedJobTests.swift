@@ -1,3 +1,4 @@
+import LoRAGADaemon
 import Foundation
 import Logging
 import NIOCore

@@ -3,6 +3,7 @@ import Testing
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGACoordinator
+import LoRAGADaemon
 
 /// `lora-ga init` end to end on real gradients, checked by the exact verifier.
 @Suite struct LocalJobTests {

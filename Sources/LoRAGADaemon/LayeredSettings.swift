@@ -3,7 +3,8 @@ import Foundation
 /// Settings for the daemons from three layers, highest first: command-line flags, the
 /// environment (`LORA_GA_<KEY>`, e.g. `LORA_GA_LISTEN`), then a JSON config file
 /// (`{"listen": "0.0.0.0:7070", "workers": 4, …}`, keys spelled like the flags). Whatever
-/// none of them sets keeps its built-in default.
+/// none of them sets keeps its built-in default. ``SettingsSchema/validate(_:)`` checks the
+/// layers against an executable's declared settings.
 public struct LayeredSettings: Sendable {
     public let file: [String: String]
     public let filePath: String?
@@ -18,13 +19,13 @@ public struct LayeredSettings: Sendable {
             return
         }
         guard let data = FileManager.default.contents(atPath: configFile) else {
-            throw JobError("config file \(configFile): cannot read it")
+            throw JobError(.usage, "config file \(configFile): cannot read it")
         }
         let decoded: [String: Scalar]
         do {
             decoded = try JSONDecoder().decode([String: Scalar].self, from: data)
         } catch {
-            throw JobError("config file \(configFile): expected a JSON object of strings, numbers and booleans (\(error))")
+            throw JobError(.usage, "config file \(configFile): expected a JSON object of strings, numbers and booleans (\(error))")
         }
         var values: [String: String] = [:]
         for (key, value) in decoded where !key.hasPrefix("_") {   // "_comment" keys document the file
@@ -66,11 +67,11 @@ public struct LayeredSettings: Sendable {
     /// Parses `HOST:PORT` (IPv6 as `[::1]:7070`).
     public static func hostAndPort(_ text: String, setting: String) throws -> (host: String, port: Int) {
         guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
-            throw JobError("\(setting) '\(text)' is not HOST:PORT (e.g. 127.0.0.1:7070)")
+            throw JobError(.usage, "\(setting) '\(text)' is not HOST:PORT (e.g. 127.0.0.1:7070)")
         }
         var host = String(text[..<colon])
         if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        guard !host.isEmpty else { throw JobError("\(setting) '\(text)' has no host") }
+        guard !host.isEmpty else { throw JobError(.usage, "\(setting) '\(text)' has no host") }
         return (host, port)
     }
 }
