@@ -327,7 +327,7 @@ public actor CoordinatorEngine {
     private func gatherTimedOut(_ timeout: Duration) {
         guard machine.phase == .gathering else { return }
         let joined = machine.workerIDs
-        perform(machine.fail(JobError(.interrupted, "only \(joined.count) of \(options.expectedWorkers) workers joined within \(timeout)\(joined.isEmpty ? "" : " (\(joined.joined(separator: ", ")))")")))
+        perform(machine.fail(JobError(.other, "only \(joined.count) of \(options.expectedWorkers) workers joined within \(timeout)\(joined.isEmpty ? "" : " (\(joined.joined(separator: ", ")))")")))
     }
 
     /// Names every worker silent for longer than `stallWarning` while it owes an open layer

@@ -37,7 +37,8 @@ public enum ExitStatus {
           2   usage or configuration error (bad flag, unknown config key or LORA_GA_* variable, bad value)
           3   bad input data (NaN/Inf, conflicting shapes, unreadable or malformed files)
           4   authentication refused (wrong or missing shared secret)
-          75  interrupted but resumable (SIGTERM/SIGINT; a worker's coordinator gone past --connect-timeout)
+          75  interrupted but resumable (SIGTERM/SIGINT; a worker's coordinator gone past --connect-timeout;
+              a worker gone past the coordinator's --rejoin-timeout)
           1   anything else
         """
 }

@@ -68,11 +68,13 @@ public struct StreamingFrameDecoder: NIOSingleStepByteToMessageDecoder, Sendable
             }
             return .shardPiece(piece)
         }
+        let handshaking = !gate.isOpen
+        if handshaking, let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self),
+           Int(length) > HandshakeGate.handshakeMaxFrameLength {
+            throw .frameTooLarge(length: Int(length), max: HandshakeGate.handshakeMaxFrameLength)
+        }
         guard let (length, type) = try frames.peekFrame(buffer) else { return nil }
-        if !gate.isOpen {
-            guard length <= HandshakeGate.handshakeMaxFrameLength else {
-                throw .frameTooLarge(length: length, max: HandshakeGate.handshakeMaxFrameLength)
-            }
+        if handshaking {
             guard type == .hello else { throw .malformed(type, "only Hello may arrive before the handshake") }
         }
         let head = WireProtocol.lengthFieldBytes + 1

@@ -194,10 +194,15 @@ struct RejectionTests {
         for code in [0, 9, 0xFFFF] {
             #expect(isMalformed(decodeError(Samples.rawFrame(type: 11, payload: le16(code) + le16(0))), .error, containing: "code"))
         }
-        let announce = le32(1) + le16(1) + [0x61] + le64(1) + le64(1) + [4]
+        let announce = le32(1) + le16(1) + [0x61] + le64(1) + le64(1) + [4] + le32(0)
         #expect(isMalformed(decodeError(Samples.rawFrame(type: 4, payload: announce)), .announce, containing: "sourceDType"))
-        let zeroRows = le32(1) + le16(1) + [0x61] + le64(0) + le64(1) + [0]
+        let zeroRows = le32(1) + le16(1) + [0x61] + le64(0) + le64(1) + [0] + le32(0)
         #expect(isMalformed(decodeError(Samples.rawFrame(type: 4, payload: zeroRows)), .announce, containing: "shape"))
+        // A block outside the layer, or reversed, is malformed too.
+        let outside = le32(1) + le16(1) + [0x61] + le64(4) + le64(4) + [0] + le32(1) + le64(0) + le64(5) + le64(0) + le64(4)
+        #expect(isMalformed(decodeError(Samples.rawFrame(type: 4, payload: outside)), .announce, containing: "outside"))
+        let reversed = le32(1) + le16(1) + [0x61] + le64(4) + le64(4) + [0] + le32(1) + le64(3) + le64(1) + le64(0) + le64(4)
+        #expect(isMalformed(decodeError(Samples.rawFrame(type: 4, payload: reversed)), .announce, containing: "reversed"))
     }
 
     @Test("a list count larger than the frame can hold is refused before reserving memory")

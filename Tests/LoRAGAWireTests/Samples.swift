@@ -1,4 +1,5 @@
 import LoRAGAWire
+import LoRAGACore
 import NIOCore
 
 /// SplitMix64: a tiny fixed-seed generator so every test run sees the same bytes.
@@ -56,6 +57,8 @@ enum Samples {
                 LayerInfo(name: "lm_head", rows: 32000, cols: 4096, sourceDType: .f32),
                 LayerInfo(name: "x", rows: .max, cols: 1, sourceDType: .f64),
                 LayerInfo(name: "half", rows: 1, cols: .max, sourceDType: .f16),
+                LayerInfo(name: "blocks", rows: 8, cols: 6, sourceDType: .f32,
+                          regions: [LayerRegion(rows: 0..<4, cols: 0..<6), LayerRegion(rows: 4..<8, cols: 2..<5)]),
             ])),
             .layerBegin(LayerBegin(layerIndex: 0, name: "model.layers.0.self_attn.q_proj")),
             .layerBegin(LayerBegin(layerIndex: .max, name: "ñ")),
