@@ -8,7 +8,7 @@ import LoRAGAWire
 /// (``LayerLedger``). It is fed events and returns actions that carry their data; it never
 /// touches a socket, a clock or a matrix, so every crash and reconnect case is a unit test.
 ///
-/// Rules it enforces (DESIGN.md §4–5):
+/// Rules it enforces (the reliability rules of the Architecture article):
 /// - a slot goes only to a worker that greeted with the right protocol (and, when the job has
 ///   a secret, authenticated: the engine checks the proof before `helloReceived`) and then
 ///   announced a layer set consistent with the job; a worker id counts once;

@@ -225,7 +225,7 @@ public struct SummedRowBlocks: RowBlockSource, LayerBlockSource {
     private var buffer: [Float] = []
     private var prefetcher: PrefetchingReader?
     /// Set once a whole pass found every value finite. Later passes re-read the same bytes and
-    /// skip the NaN/Inf scan (3 % of a power pass); a file changed under a running job still
+    /// skip the NaN/Inf scan; a file changed under a running job still
     /// shows up, less precisely, as a non-finite product (RangeFinder checks every product).
     private var scannedEveryRow = false
 
@@ -245,7 +245,7 @@ public struct SummedRowBlocks: RowBlockSource, LayerBlockSource {
     public var cols: Int { layer.cols }
 
     /// Full-width row blocks in order. The next block is read on a helper thread while `body`
-    /// works on the current one, so reading (page cache: ~3 GB/s) hides behind the GEMMs.
+    /// works on the current one, so reading hides behind the GEMMs.
     public mutating func forEachRowBlock(_ body: (RowBlock) throws -> Void) throws {
         let stripes = stride(from: 0, to: layer.rows, by: blockRows).map {
             LayerRegion(rows: $0..<Swift.min($0 + blockRows, layer.rows), cols: 0..<layer.cols)

@@ -24,11 +24,8 @@ public struct WorkerOptions: Sendable {
     /// Shard payload size in dense jobs when the rows go from the gradient file by `sendfile`
     /// (``GradientReader/sendsRowsFromFile(of:as:compress:)``): no buffer holds them on either
     /// side (the coordinator adds a shard slice by slice as it arrives; the worker maps 4 MB of
-    /// it at a time to hash it), and fewer, larger frames ingest faster. One 4096×11008 layer
-    /// from 4 workers, four series of 6–10 alternating runs: 1561/1611/1535/1404 MB/s on average
-    /// at 4 MB, 1754/1756/1648/1561 at 32 MB (1610 at 8, 1705 at 16); 8192×28672 from 4
-    /// workers, 9 alternating runs: 1415 at 4 MB, 1437 at 32 MB, no gain there. Dense only: a
-    /// sketch coordinator holds each shard whole.
+    /// it at a time to hash it), and fewer, larger frames ingest faster. Dense only: a sketch
+    /// coordinator holds each shard whole.
     public var fileShardBytes = 32 << 20
     /// The job's shared secret, when the coordinator requires one.
     public var secret: JobSecret?
@@ -305,10 +302,9 @@ public struct WorkerClient: Sendable {
 
     /// Rows per shard: `shardBytes` of payload, except in sketch mode, where the coordinator
     /// folds each shard into its sketch as one row block multiplied by test matrices of k + s
-    /// columns that BLAS packs anew per block (4 MB shards of a 28672-wide layer were 36-row
-    /// blocks). There shards are sized for those products, up to ``sketchShardBytes``
-    /// (8192×28672 r=8 from 2 workers: 10.4 s at 4 MB, 8.7 at 8, 8.2 at 16, 8.1 at 29;
-    /// coordinator 164/178/206/244 MB, workers 60/88/117/150 MB).
+    /// columns that BLAS packs anew per block, so a few-row block wastes the packing. There
+    /// shards are sized for those products, up to ``sketchShardBytes``, which bounds the memory
+    /// a shard costs on both sides.
     static func rowsPerShard(rows: Int, cols: Int, payloadBytes: Int, spec: JobSpec, shardBytes: Int) -> Int {
         let rowBytes = Swift.max(1, cols * payloadBytes)
         let byBytes = Swift.max(1, Swift.min(rows, shardBytes / rowBytes))
@@ -430,8 +426,8 @@ final class GradientReader: @unchecked Sendable {
         }
     }
 
-    /// Forgets a finished layer's reader and buffers (without this a worker's memory grew by
-    /// one block set per layer: +16 MB per layer over 64 layers, measured by Scripts/bench).
+    /// Forgets a finished layer's reader and buffers, so a worker's memory does not grow by one
+    /// block set per layer over the job.
     func release(_ layer: GradientLayer) {
         lock.withLock { _ = sources.removeValue(forKey: layer.name) }
     }
@@ -481,10 +477,8 @@ final class GradientReader: @unchecked Sendable {
     /// A worker with one gradient file that stores the layer as F32 sends the rows as the file
     /// holds them: it maps them (no copy), hashes them and checks them for NaN/Inf in one pass
     /// ~256 KB at a time, and the socket gets them by `sendfile` from the page cache. That saves the read
-    /// into a buffer and the copy into the socket: per 0.94 GB over loopback a sender's CPU went
-    /// 0.32–0.36 s → 0.08–0.15 s with `sendfile` alone; one 4096×11008 layer from 4 workers,
-    /// worker CPU 0.2 → 0.1 s and RSS 59 → 38 MB, ingest 1.04–1.26 → 1.15–1.49 GB/s (4
-    /// alternating runs). Nil when the layer needs summing (several files) or converting, when
+    /// into a buffer and the copy into the socket, cutting the worker's CPU and memory per shard.
+    /// Nil when the layer needs summing (several files) or converting, when
     /// its rows are not Float-aligned in the file, or when the file cannot be sent or mapped
     /// (see `sendHandle(for:)`).
     ///
@@ -614,8 +608,7 @@ final class GradientReader: @unchecked Sendable {
     /// per shard than going through the block buffer. Nil if the buffer is not Float-aligned.
     ///
     /// Read, checked and hashed ~256 KB of rows at a time, so the check and the hash find the
-    /// bytes in cache (hashed after the whole 4 MB shard, they came from memory: perf put the
-    /// hash at 4–5 GB/s, against 10–11 GB/s right after the read).
+    /// bytes in cache rather than reading a whole shard back from memory.
     private func readF32Payload(_ layer: GradientLayer, rows range: Range<Int>, count: Int) throws -> (ByteBuffer, UInt64)? {
         var buffer = ByteBufferAllocator().buffer(capacity: count * 4)
         let aligned = buffer.withUnsafeMutableWritableBytes { Int(bitPattern: $0.baseAddress) % MemoryLayout<Float>.alignment == 0 }
@@ -653,7 +646,7 @@ final class GradientReader: @unchecked Sendable {
                           matrixRows: UInt32(product.rows), matrixCols: UInt32(product.cols), values: product.storage)
     }
 
-    /// Y = G_w · P for this worker's share G_w = Σ_b E_b(G_b) of `layer` (DESIGN.md §2b):
+    /// Y = G_w · P for this worker's share G_w = Σ_b E_b(G_b) of `layer`:
     /// Y[r0:r1, :] += G_b · P[c0:c1, :], only over the rows and columns its blocks touch, so a
     /// worker holding 1/N of the layer does 1/N of the multiplications. `P` is in × k; the
     /// result is out × k and zero outside `coverage(of: layer).coveredRows`.

@@ -36,7 +36,7 @@ struct CoordinatorCommand: AsyncParsableCommand {
             if let note = BLAS.setUpForThisProcess() { logger.info("\(note)") }
             BLAS.configureThreads()
             // Dense receives at network speed, so freed frames are reused at once. Sketch folds
-            // at GEMM speed while frames queue, and kept frames only add memory (+30 MB, measured).
+            // at GEMM speed while frames queue, and kept frames only add memory.
             if settings.options.settings.mode == .dense { StreamingMemory.keepFrameBuffersMapped() }
             let server = CoordinatorServer(host: settings.host, port: settings.port, options: settings.options, tls: settings.tls, logger: logger)
             let portFile = settings.portFile

@@ -1,6 +1,7 @@
 import Foundation
 
-/// Which singular directions go to which factor (DESIGN.md §1; names as in the reference code).
+/// Which singular directions go to which factor (names as in the reference code; see “LoRA-GA”
+/// in the LoRAGACore article).
 public enum LoRAGADirection: String, Sendable, CaseIterable, Codable {
     /// lora_A = Vᵀ[0:r], lora_B = U[:, r:2r] — the reference default.
     case ArB2r
@@ -52,7 +53,7 @@ public enum LoRAMethod: String, Sendable, CaseIterable, Codable {
 
 /// Whose formulas turn singular triplets into factors (LoRA-GA only; LoRA-One has one).
 public enum FactorConvention: String, Sendable, CaseIterable, Codable {
-    /// The reference implementation's: orthonormal A and B, both scaled by c (DESIGN.md §1).
+    /// The reference implementation's: orthonormal A and B, both scaled by c.
     case reference
     /// PEFT's `init_lora_weights="lora_ga"`: A = Vᵀ rows unscaled, B = U columns · diag(S) · c,
     /// with G the gradient averaged over micro-batches and c's `out` the stored weight's first

@@ -1,4 +1,4 @@
-/// A rectangle of a layer's gradient G [out × in]: rows `rows`, columns `cols` (DESIGN.md §2b).
+/// A rectangle of a layer's gradient G [out × in]: rows `rows`, columns `cols`.
 public struct LayerRegion: Sendable, Hashable, Codable, CustomStringConvertible {
     public var rows: Range<Int>
     public var cols: Range<Int>
@@ -40,7 +40,7 @@ public struct LayerBlock {
 }
 
 extension Matrix {
-    /// Y[r0:r1, :] += G_b · P[c0:c1, :] (range pass, DESIGN.md §2b): only the block's rows of Y
+    /// Y[r0:r1, :] += G_b · P[c0:c1, :] (range pass): only the block's rows of Y
     /// and only its columns' rows of P take part, so a block of 1/N of a layer costs 1/N.
     /// `y` holds rows `yRowOffset ..< yRowOffset + y.rows` of the layer's Y (all of it by default).
     public static func accumulateRangeProduct(of block: LayerBlock, _ p: Matrix, into y: inout Matrix, yRowOffset: Int = 0) {
@@ -62,7 +62,7 @@ extension Matrix {
         }
     }
 
-    /// Z[c0:c1, :] += G_bᵀ · Q[r0:r1, :] (co-range pass, DESIGN.md §2b).
+    /// Z[c0:c1, :] += G_bᵀ · Q[r0:r1, :] (co-range pass).
     /// `z` holds rows `zRowOffset ..< zRowOffset + z.rows` of the layer's Z (all of it by default).
     public static func accumulateCoRangeProduct(of block: LayerBlock, _ q: Matrix, into z: inout Matrix, zRowOffset: Int = 0) {
         let region = block.region

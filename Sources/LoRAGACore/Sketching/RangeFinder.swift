@@ -7,7 +7,8 @@ public struct TruncatedSVD: Sendable, Equatable {
     public var rank: Int { s.count }
 }
 
-/// Sizes of a randomized SVD. Defaults are justified in the README's benchmark table.
+/// Sizes of a randomized SVD. The measurements behind the defaults are in
+/// Scripts/bench-results/README.md.
 public struct RandomizedSVDParameters: Sendable, Equatable {
     /// Singular triplets wanted: LoRA-GA needs 2r.
     public var targetRank: Int

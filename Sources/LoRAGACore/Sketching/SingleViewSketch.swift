@@ -59,7 +59,7 @@ public struct SingleViewSketch: Sendable {
 
     /// Fewest rows of G per folded block (`RowBlock.rowsPerProductBlock`'s `minimumRows`):
     /// the co-range product Υ_b G_b has the block's rows as its inner dimension, so short
-    /// blocks starve it (see there for the measurements).
+    /// blocks starve it.
     public static let minimumBlockRows = 256
 
     /// Floats held by this sketch (state plus test matrices), for memory accounting.

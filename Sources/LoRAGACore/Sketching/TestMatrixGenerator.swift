@@ -1,15 +1,15 @@
 /// Counter-based random test matrices: entry (i, j) of a named matrix is a pure function
 /// of (seed, layer, matrix kind, i, j). Nobody stores or sends test matrices — any process
 /// regenerates exactly the rows it needs — and a sketch does not depend on how the rows
-/// of a gradient were cut into blocks or spread over workers (DESIGN.md §2).
+/// of a gradient were cut into blocks or spread over workers.
 ///
 /// Entries are sums of four independent uniforms, centred and scaled to variance 1: an
 /// isotropic, sub-Gaussian, nearly normal distribution (excess kurtosis −0.3). Randomized
 /// range finders and single-pass sketches need nothing more (Halko et al. 2011 §10;
 /// Tropp et al. 2017 §3.9 allow any such test matrix), and one 64-bit hash per entry in
-/// integer arithmetic costs ~1.5 ns where Box–Muller's log, sin and cos cost ~45 ns — a
-/// third of a 4096×11008 sketch's time went to drawing its test matrices. Integer
-/// arithmetic also gives the same bits on every machine, which libm does not promise.
+/// integer arithmetic is far cheaper than Box–Muller's log, sin and cos, which would make
+/// drawing test matrices a large share of a sketch. Integer arithmetic also gives the same
+/// bits on every machine, which libm does not promise.
 public struct TestMatrixGenerator: Sendable {
     /// Which test matrix of a layer's sketch.
     public enum Kind: UInt64, Sendable {
