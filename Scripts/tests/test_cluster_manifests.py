@@ -205,12 +205,14 @@ def bin_dir() -> Path:
 
 
 def accepted_flags(executable: str) -> set[str]:
-    """The long options in the OPTIONS section of `executable --help`."""
+    """The long options `executable --help` lists: its SETTINGS section (the daemons' declared
+    settings) and its OPTIONS section."""
     result = subprocess.run([str(bin_dir() / executable), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    options = result.stdout.split("OPTIONS:", 1)[1]
-    flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", options, flags=re.M))
-    assert "--help" in flags, options
+    text = result.stdout
+    sections = [part for marker in ("SETTINGS", "OPTIONS:") if marker in text for part in [text.split(marker, 1)[1]]]
+    flags = {flag for section in sections for flag in re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", section, flags=re.M)}
+    assert "--help" in flags, text
     return flags
 
 
