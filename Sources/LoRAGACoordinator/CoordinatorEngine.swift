@@ -10,6 +10,9 @@ import NIOPosix
 import Glibc
 #endif
 
+// Over 400 lines on purpose: the executor of every JobStateMachine action in one actor (its
+// state is the actor's); shard bytes are in CoordinatorEngine+Shards.swift.
+
 /// The coordinator's executor: carries out ``JobStateMachine`` actions and owns what the
 /// machine must not — every open layer's numbers (``LayerWork``), the checkpoint store, the
 /// connections' outboxes, clocks and timers. An actor pinned to a dedicated thread, so BLAS

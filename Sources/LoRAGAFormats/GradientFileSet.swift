@@ -1,6 +1,9 @@
 import Foundation
 import LoRAGACore
 
+// Over 400 lines on purpose: a set of gradient files and the one way its contributions (whole
+// layers and blocks) are validated, covered and summed into row stripes.
+
 /// A layer as gradient files describe it: a 2-D tensor [out, in] present in every file.
 public struct GradientLayer: Sendable, Hashable, Codable {
     /// The tensor name, e.g. `encoder.layer.0.attention.self.query.weight`.
