@@ -45,8 +45,12 @@ public struct CoordinatorServer: Sendable {
         let maxFrameLength = self.maxFrameLength
         let tls = self.tls
         let logger = self.logger
+        let acceptLogger = logger
         let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(AcceptErrorLogger(logger: acceptLogger)) }
+            }
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20))
             .bind(host: host, port: port) { channel in

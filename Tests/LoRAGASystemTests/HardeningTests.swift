@@ -288,6 +288,56 @@ import LoRAGAWorker
         #expect(adapters[0] == adapters[1])
     }
 
+    /// Out of file descriptors: the coordinator says so once (not once per failed accept, and
+    /// without spinning on it), closes the idle connections after its handshake timeout, and
+    /// real workers then join and finish.
+    @Test func runningOutOfFileDescriptorsIsSaidOnceAndTheJobStillFinishes() throws {
+        let bin = FaultDrillTests.binaries
+        let work = try Fixtures.scratch("fd-limit")
+        let log = work + "/coord.log"
+        FileManager.default.createFile(atPath: log, contents: nil)
+        let coord = Process()
+        coord.executableURL = URL(fileURLWithPath: "/bin/bash")
+        coord.arguments = ["-c", "ulimit -n 40; exec \"$0\" \"$@\"", bin.appendingPathComponent("lora-ga-coord").path,
+                           "--listen", "127.0.0.1:0", "--port-file", work + "/port", "--workers", "2", "--out", work + "/out",
+                           "--handshake-timeout", "1", "--mode", "dense"]
+        coord.standardError = FileHandle(forWritingAtPath: log)
+        try coord.run()
+        var port = 0
+        for _ in 0..<250 where port == 0 {
+            Thread.sleep(forTimeInterval: 0.02)
+            port = Int(((try? String(contentsOfFile: work + "/port", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        }
+        try #require(port > 0, "the coordinator never listened")
+        // 60 silent connections: more than the coordinator's 40 descriptors can hold.
+        var sockets: [Int32] = []
+        for _ in 0..<60 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = in_port_t(UInt16(port).bigEndian)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            let connected = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            if connected == 0 { sockets.append(fd) } else { close(fd) }
+        }
+        Thread.sleep(forTimeInterval: 2.5)
+        for fd in sockets { close(fd) }
+        let workers = try Fixtures.minilmWorkers.enumerated().map { index, grads in
+            let worker = Process()
+            worker.executableURL = bin.appendingPathComponent("lora-ga-worker")
+            worker.arguments = ["--connect", "127.0.0.1:\(port)", "--grads", grads, "--id", "w\(index)", "--connect-timeout", "60"]
+            worker.standardError = FileHandle(forWritingAtPath: "/dev/null")
+            try worker.run()
+            return worker
+        }
+        for worker in workers { worker.waitUntilExit() }
+        coord.waitUntilExit()
+        let text = try String(contentsOfFile: log, encoding: .utf8)
+        #expect(text.components(separatedBy: "out of file descriptors").count - 1 == 1, "\(text.suffix(2000))")
+        #expect(coord.terminationStatus == 0, "\(text.suffix(2000))")
+        #expect(workers.allSatisfy { $0.terminationStatus == 0 })
+    }
+
     // MARK: - Signals
 
     /// What `scancel` and a Kubernetes preemption do: SIGTERM to the coordinator and its
