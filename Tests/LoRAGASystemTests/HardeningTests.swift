@@ -370,7 +370,7 @@ import LoRAGAWorker
                 return worker
             }
             // Mid-job, at a different moment each run.
-            Thread.sleep(forTimeInterval: 0.3 + 0.1 * Double(run))
+            Thread.sleep(forTimeInterval: 0.05 + 0.1 * Double(run))
             for process in [coord] + workers { kill(process.processIdentifier, SIGTERM) }
             for process in [coord] + workers { process.waitUntilExit() }
             statuses.append("\(coord.terminationReason == .exit ? "exit" : "signal") \(coord.terminationStatus)")
