@@ -18,6 +18,8 @@ extension CoordinatorEngine {
         let worker: String
         let rowStart: Int
         let rows: Int
+        /// The shard's column window: a worker holding a block sends only its columns.
+        let colStart: Int
         let cols: Int
         let dtype: TensorDType
         /// Rows added at a time: ~256 KB for a dense sum, the whole shard for a sketch.
@@ -146,8 +148,9 @@ extension CoordinatorEngine {
         let rows = Int(shard.rowCount)
         // A dense sum takes a shard in slices of ~256 KB: decoded, checked and added
         // while the slice is in cache. A sketch multiplies whole shards (its GEMM wants them).
-        let sliceRows = work[index]!.accumulator!.isDense ? Swift.max(1, Swift.min(rows, Self.denseSliceBytes / (4 * layer.cols))) : rows
-        return IncomingShard(layer: index, worker: worker, rowStart: Int(shard.rowStart), rows: rows, cols: layer.cols,
+        let cols = Int(shard.cols)
+        let sliceRows = work[index]!.accumulator!.isDense ? Swift.max(1, Swift.min(rows, Self.denseSliceBytes / (4 * cols))) : rows
+        return IncomingShard(layer: index, worker: worker, rowStart: Int(shard.rowStart), rows: rows, colStart: Int(shard.colStart), cols: cols,
                              dtype: dtype, sliceRows: sliceRows)
     }
 
@@ -157,14 +160,16 @@ extension CoordinatorEngine {
         let rows = raw.count / (shard.cols * shard.dtype.byteSize)
         let firstRow = shard.rowStart + shard.rowsDone
         let dense = work[shard.layer]!.accumulator!.isDense
+        let region = LayerRegion(rows: firstRow..<(firstRow + rows), cols: shard.colStart..<(shard.colStart + shard.cols))
         let bad = withFloats(raw, as: shard.dtype, unaligned: dense) { floats -> Int? in
             if dense {
-                // Checked and summed in one pass (straight from the frame for F32).
-                return work[shard.layer]!.accumulator!.addDenseFloat32(rowStart: firstRow, bytes: floats)
+                // Checked and summed in one pass (straight from the frame for F32), at the block's offset.
+                return work[shard.layer]!.accumulator!.addDenseFloat32(region, bytes: floats)
             }
-            let block = RowBlock(rowStart: firstRow, rowCount: rows, cols: shard.cols, values: floats.assumingMemoryBound(to: Float.self))
+            let values = UnsafeBufferPointer(start: floats.assumingMemoryBound(to: Float.self).baseAddress, count: region.elementCount)
+            let block = RowBlock(rowStart: firstRow, rowCount: rows, cols: shard.cols, values: values)
             if let offset = block.firstNonFiniteIndex() { return offset }
-            work[shard.layer]!.accumulator!.add(block)
+            work[shard.layer]!.accumulator!.add(LayerBlock(region: region, values: values))
             return nil
         }
         if let bad {

@@ -88,7 +88,8 @@ public actor CoordinatorEngine {
         self.computeLoop = computeLoop
         self.logger = logger
         let configuration = JobStateMachine.Configuration(
-            expectedWorkers: options.expectedWorkers, mode: options.settings.mode, window: options.window, payloadDType: WireDType(options.payloadDType))
+            expectedWorkers: options.expectedWorkers, mode: options.settings.mode, window: options.window, payloadDType: WireDType(options.payloadDType),
+            allowUncovered: options.allowUncovered)
         // A job already in the output directory is resumed: its manifest fixes the layers.
         if !options.restart, let manifest = CheckpointStore.existingManifest(in: options.outputDirectory) {
             let store = try CheckpointStore(directory: options.outputDirectory, settings: options.settings, layers: manifest.layers)
@@ -224,7 +225,14 @@ public actor CoordinatorEngine {
         guard Int(reply.matrixRows) == expectedRows, Int(reply.matrixCols) == finder.sketchWidth else {
             return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)': reply is \(reply.matrixRows)×\(reply.matrixCols), expected \(expectedRows)×\(finder.sketchWidth)"))
         }
-        let values = reply.values
+        // A worker's reply carries the rows its share can make nonzero, exactly: fewer would
+        // drop part of its product, more would be bytes it has no business sending.
+        let spans = machine.replySpans(layer: index, worker: worker, side: reply.side) ?? []
+        guard reply.spans == spans else {
+            let describe = { (ranges: [Range<Int>]) in ranges.prefix(4).map { "\($0.lowerBound)..<\($0.upperBound)" }.joined(separator: ", ") + (ranges.count > 4 ? ", …" : "") }
+            return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)': reply carries rows \(describe(reply.spans)), the worker's share makes rows \(describe(spans))"))
+        }
+        let values = reply.fullValues
         if let bad = values.firstIndex(where: { !$0.isFinite }) {
             return perform(machine.fail(JobError(.badInput, "worker '\(worker)': layer '\(layer.name)' produced NaN/Inf in its power-iteration product (row \(bad / finder.sketchWidth)); its gradient contains non-finite values")))
         }

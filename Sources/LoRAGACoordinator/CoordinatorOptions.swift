@@ -22,6 +22,8 @@ public struct CoordinatorOptions: Sendable {
     public var rejoinTimeout: Duration = .seconds(120)
     /// Discard an existing job in the output directory.
     public var restart = false
+    /// Entries of a layer that no worker's blocks cover count as zeros instead of failing the job.
+    public var allowUncovered = false
     /// When set, every worker must prove it knows this secret before it can send anything.
     public var secret: JobSecret?
     /// Prometheus metrics and the progress estimate of the per-layer log lines.

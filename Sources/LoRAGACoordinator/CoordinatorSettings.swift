@@ -74,6 +74,7 @@ public struct CoordinatorSettings: Sendable {
         options.gatherTimeout = .seconds(try settings.required("gather-timeout", as: Double.self))
         options.rejoinTimeout = .seconds(try settings.required("rejoin-timeout", as: Double.self))
         options.restart = try settings.flag("restart")
+        options.allowUncovered = try settings.flag("allow-uncovered")
         options.handshakeTimeout = .seconds(try settings.required("handshake-timeout", as: Double.self))
         options.stallWarning = .seconds(try settings.required("stall-warning", as: Double.self))
         if let secretFile: String = try settings.value("secret-file") {

@@ -35,12 +35,16 @@ public struct JobStateMachine: Sendable {
         public var window: Int
         /// The dtype every shard must travel in.
         public var payloadDType: WireDType
+        /// Entries of a layer that no worker's blocks cover count as zeros, rather than failing
+        /// the job (`--allow-uncovered`).
+        public var allowUncovered: Bool
 
-        public init(expectedWorkers: Int, mode: SVDMode, window: Int = 2, payloadDType: WireDType = .f32) {
+        public init(expectedWorkers: Int, mode: SVDMode, window: Int = 2, payloadDType: WireDType = .f32, allowUncovered: Bool = false) {
             self.expectedWorkers = expectedWorkers
             self.mode = mode
             self.window = Swift.max(1, window)
             self.payloadDType = payloadDType
+            self.allowUncovered = allowUncovered
         }
     }
 
@@ -249,7 +253,7 @@ public struct JobStateMachine: Sendable {
             guard !holding.values.contains(where: { !$0.sharded }) else { continue }
             let regions = holding.values.flatMap { $0.regions[layer.name] ?? [] }
             let coverage = LayerCoverage(rows: layer.rows, cols: layer.cols, regions: regions)
-            guard coverage.isComplete else {
+            guard coverage.isComplete || configuration.allowUncovered else {
                 return (.layerMismatch, "layer '\(layer.name)' (\(layer.rows)×\(layer.cols)) is not covered by the workers' blocks: \(coverage.describeUncovered())")
             }
         }
@@ -305,7 +309,7 @@ public struct JobStateMachine: Sendable {
         while open.count < configuration.window, candidate < layers.count {
             if !finished.contains(candidate) && open[candidate] == nil {
                 let holding = holders[candidate] ?? Set(workers.keys)
-                open[candidate] = LayerLedger(index: candidate, layer: layers[candidate], holders: holding)
+                open[candidate] = LayerLedger(index: candidate, layer: layers[candidate], holders: holding, plans: plans(of: layers[candidate], for: holding))
                 // Power mode too: LayerBegin names the layer its power requests refer to by index.
                 actions += broadcast(.layerBegin(LayerBegin(layerIndex: UInt32(candidate), name: layers[candidate].name, attempt: 0)), to: holding)
                 actions.append(.openLayer(candidate, layers[candidate]))
@@ -319,6 +323,28 @@ public struct JobStateMachine: Sendable {
         return actions
     }
 
+    /// Per holder of `layer` that announced blocks of it, the rectangles it sends: the disjoint
+    /// cover of its blocks, in the order the worker derives from the same announcement.
+    private func plans(of layer: GradientLayer, for holding: Set<String>) -> [String: [LayerRegion]] {
+        var plans: [String: [LayerRegion]] = [:]
+        for worker in holding {
+            guard let regions = announcements[worker]?.regions[layer.name], !regions.isEmpty else { continue }
+            plans[worker] = LayerCoverage(rows: layer.rows, cols: layer.cols, regions: regions).disjointCover
+        }
+        return plans
+    }
+
+    /// Power: the rows of a reply from `worker` to the current request on `layer` — the rows of
+    /// the product its share can make nonzero; nil when the layer is not open.
+    public func replySpans(layer: Int, worker: String, side: WirePowerSide) -> [Range<Int>]? {
+        open[layer]?.productSpans(of: worker, side: side)
+    }
+
+    /// `request` as `worker` gets it: only the rows of X its share multiplies.
+    private func request(_ request: PowerRequest, for worker: String, ledger: LayerLedger) -> PowerRequest {
+        request.restricted(to: ledger.operandSpans(of: worker, side: request.side))
+    }
+
     /// A (re)joined worker gets every open layer it still owes.
     private func replay(to connection: ConnectionID, worker: String) -> [Action] {
         var actions: [Action] = []
@@ -328,7 +354,7 @@ public struct JobStateMachine: Sendable {
             if isPower {
                 actions.append(.send(connection, begin))
                 if let request = ledger.powerRequest, ledger.powerPending.contains(worker) {
-                    actions.append(.send(connection, .powerRequest(request)))
+                    actions.append(.send(connection, .powerRequest(self.request(request, for: worker, ledger: ledger))))
                 }
             } else if !ledger.committed.contains(worker) {
                 actions.append(.send(connection, begin))
@@ -413,7 +439,12 @@ public struct JobStateMachine: Sendable {
         guard open[layer] != nil else { return [] }
         let holding = open[layer]!.holders
         open[layer]!.setPowerRequest(request, workers: holding)
-        return broadcast(.powerRequest(request), to: holding)
+        let ledger = open[layer]!
+        // Each worker gets only the rows of X its share multiplies.
+        return connections.keys.sorted().compactMap { connection in
+            guard case .active(let worker) = connections[connection], holding.contains(worker) else { return nil }
+            return .send(connection, .powerRequest(self.request(request, for: worker, ledger: ledger)))
+        }
     }
 
     public func powerReplyArrived(on connection: ConnectionID, layer: Int, round: UInt32) -> Verdict {

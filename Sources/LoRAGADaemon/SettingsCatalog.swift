@@ -44,6 +44,7 @@ public enum SettingsCatalog {
         Setting("handshake-timeout", .double, default: "10", help: "Seconds a new connection may take to authenticate and announce before it is closed."),
         Setting("stall-warning", .double, default: "60", help: "Seconds a worker that owes a layer data may stay silent before a warning names it and what it owes."),
         Setting("restart", .flag, default: "false", help: "Discard an existing job in OUT instead of resuming it."),
+        Setting("allow-uncovered", .flag, default: "false", help: "Treat entries of a layer that no worker's blocks cover as zeros, instead of failing the job naming the layer and the uncovered range."),
         Setting("insecure", .flag, default: "false", help: "Allow listening on a non-loopback address without a secret (trusted networks only)."),
         Setting("tls-cert", .path, help: "PEM certificate (chain) to serve TLS with; workers then need --tls-ca. Needs --tls-key."),
         Setting("tls-key", .path, help: "PEM private key of --tls-cert."),

@@ -198,6 +198,22 @@ public final class GradientFileSet {
                                  stripe: LayerRegion(rows: range, cols: 0..<layer.cols))
     }
 
+    /// The rectangles of `layer` these files hold, each entry once, in the order a worker sends
+    /// them (``LayerCoverage/disjointCover`` of its blocks): the whole layer when it holds it whole.
+    public func parts(of layer: GradientLayer) -> [LayerRegion] {
+        coverage(of: layer).disjointCover
+    }
+
+    /// Rectangle `region` of `layer` summed over every file into `destination`
+    /// (`region.elementCount` floats, row-major, `region.cols.count` wide), checked for NaN/Inf.
+    /// Every block must lie within the region's columns or miss them (true of each band of rows
+    /// of a rectangle of ``parts(of:)``).
+    public func readSummed(of layer: GradientLayer, region: LayerRegion, into destination: Slice<UnsafeMutableBufferPointer<Float>>) throws {
+        precondition(destination.count == region.elementCount && region.rows.upperBound <= layer.rows && region.cols.upperBound <= layer.cols,
+                     "\(destination.count) floats for \(region) of \(layer.rows)×\(layer.cols)")
+        try SummedRowBlocks.fill(UnsafeMutableBufferPointer(rebasing: destination), contributions: contributions(of: layer), layer: layer, stripe: region)
+    }
+
     /// Row blocks of `layer` summed over every file, 128 rows (at most 16 MB) each: for
     /// streaming passes with no wide operand (verification, dense accumulation, shards a worker sends).
     public func rowBlocks(of layer: GradientLayer) -> SummedRowBlocks {

@@ -1,10 +1,10 @@
-/// Constants of the lora-ga wire protocol, version 4: length-prefixed frames
+/// Constants of the lora-ga wire protocol, version 5: length-prefixed frames
 /// (`length: u32 LE | type: u8 | payload`), little-endian fields, XXH3-64 shard checksums.
 /// The frame layout, every message's fields and the conversation are described in the
 /// catalog's WireProtocol article (`LoRAGAWire.docc/WireProtocol.md`).
 public enum WireProtocol {
     /// The protocol version this module speaks.
-    public static let version: UInt16 = 4
+    public static let version: UInt16 = 5
 
     /// Default bound on a frame's `length` field: a 64 MiB shard plus 64 KiB of headers.
     public static let defaultMaxFrameLength = (64 << 20) + (64 << 10)

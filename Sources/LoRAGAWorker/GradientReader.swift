@@ -78,6 +78,20 @@ final class GradientReader: @unchecked Sendable {
         }
     }
 
+    /// The rectangles of `layer` this worker sends, in order: the whole layer when its files
+    /// hold it whole, else the disjoint cover of its blocks — what the coordinator derives from
+    /// the same announcement and expects, so a worker's traffic is its share.
+    func parts(of layer: GradientLayer) -> [LayerRegion] {
+        files.hasBlocks ? files.parts(of: layer) : [LayerRegion(wholeOf: layer.rows, layer.cols)]
+    }
+
+    /// Power: the rows of the product this worker's share can make nonzero (its rows for the
+    /// range side, its columns for the co-range side), as the coordinator expects them.
+    func productSpans(of layer: GradientLayer, side: WirePowerSide) -> [Range<Int>] {
+        let parts = parts(of: layer)
+        return LayerCoverage.union(parts.map { side == .range ? $0.rows : $0.cols })
+    }
+
     /// Forgets a finished layer's reader and buffers, so a worker's memory does not grow by one
     /// block set per layer over the job.
     func release(_ layer: GradientLayer) {
@@ -105,7 +119,7 @@ final class GradientReader: @unchecked Sendable {
         let count = range.count * layer.cols
         if dtype == .f32, !compress {
             if let shard = try storedF32Shard(layer, rows: range) { return shard }
-            if let (buffer, checksum) = try readF32Payload(layer, rows: range, count: count) {
+            if let (buffer, checksum) = try readF32Payload(layer, region: LayerRegion(rows: range, cols: 0..<layer.cols)) {
                 return EncodedShard(uncompressed: buffer, checksum: checksum)
             }
         }
@@ -124,6 +138,32 @@ final class GradientReader: @unchecked Sendable {
                 return EncodedShard(uncompressed: buffer, compressed: ByteBuffer(bytes: packed), checksum: ShardChecksum.hash(packed))
             }
         }
+    }
+
+    /// Rectangle `region` of the summed layer (a band of rows of one of ``parts(of:)``) in the
+    /// payload dtype, plus a zstd'd shuffled copy when asked. Full-width rectangles take
+    /// ``encode(_:rows:as:compress:)`` (sendfile, the row-block source); narrower ones are read
+    /// at their columns only.
+    func encode(_ layer: GradientLayer, region: LayerRegion, as dtype: TensorDType, compress: Bool) throws -> EncodedShard {
+        if region.cols == 0..<layer.cols { return try encode(layer, rows: region.rows, as: dtype, compress: compress) }
+        if dtype == .f32, !compress, let (buffer, checksum) = try readF32Payload(layer, region: region) {
+            return EncodedShard(uncompressed: buffer, checksum: checksum)
+        }
+        var values = [Float](repeating: 0, count: region.elementCount)
+        try lock.withLock {
+            try values.withUnsafeMutableBufferPointer { try files.readSummed(of: layer, region: region, into: $0[...]) }
+        }
+        var buffer = ByteBufferAllocator().buffer(capacity: values.count * dtype.byteSize)
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: values.count * dtype.byteSize) { raw in
+            values.withUnsafeBufferPointer { FloatCodec.encode($0, as: dtype, into: raw) }
+            return values.count * dtype.byteSize
+        }
+        guard compress else {
+            return EncodedShard(uncompressed: buffer, compressed: nil, checksum: buffer.withUnsafeReadableBytes { ShardChecksum.hash($0) })
+        }
+        let shuffled = buffer.withUnsafeReadableBytes { ByteShuffle.shuffle($0, elementSize: dtype.byteSize) }
+        let packed = try lock.withLock { try codec.compress(shuffled, level: 1) }
+        return EncodedShard(uncompressed: buffer, compressed: ByteBuffer(bytes: packed), checksum: ShardChecksum.hash(packed))
     }
 
     /// A worker with one gradient file that stores the layer as F32 sends the rows as the file
@@ -256,24 +296,29 @@ final class GradientReader: @unchecked Sendable {
         #endif
     }
 
-    /// F32 payloads are read (and summed) straight into the frame's buffer: one copy fewer
+    /// F32 payloads (rows `region.rows`, columns `region.cols`) are read (and summed) straight into the frame's buffer: one copy fewer
     /// per shard than going through the block buffer. Nil if the buffer is not Float-aligned.
     ///
     /// Read, checked and hashed ~256 KB of rows at a time, so the check and the hash find the
     /// bytes in cache rather than reading a whole shard back from memory.
-    private func readF32Payload(_ layer: GradientLayer, rows range: Range<Int>, count: Int) throws -> (ByteBuffer, UInt64)? {
+    private func readF32Payload(_ layer: GradientLayer, region: LayerRegion) throws -> (ByteBuffer, UInt64)? {
+        let (range, width, count) = (region.rows, region.cols.count, region.elementCount)
         var buffer = ByteBufferAllocator().buffer(capacity: count * 4)
         let aligned = buffer.withUnsafeMutableWritableBytes { Int(bitPattern: $0.baseAddress) % MemoryLayout<Float>.alignment == 0 }
         guard aligned else { return nil }
         var checksum = ShardChecksum()
-        let pieceRows = Swift.max(1, Self.hashedPieceBytes / (4 * layer.cols))
+        let pieceRows = Swift.max(1, Self.hashedPieceBytes / (4 * width))
         _ = try lock.withLock {
             try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count * 4) { raw in
                 try UnsafeMutableRawBufferPointer(rebasing: raw[0..<(count * 4)]).withMemoryRebound(to: Float.self) { floats in
                     for start in stride(from: range.lowerBound, to: range.upperBound, by: pieceRows) {
                         let rows = start..<Swift.min(start + pieceRows, range.upperBound)
-                        let piece = floats[((rows.lowerBound - range.lowerBound) * layer.cols)..<((rows.upperBound - range.lowerBound) * layer.cols)]
-                        try files.readSummedRows(of: layer, rows: rows, into: piece)
+                        let piece = floats[((rows.lowerBound - range.lowerBound) * width)..<((rows.upperBound - range.lowerBound) * width)]
+                        if width == layer.cols {
+                            try files.readSummedRows(of: layer, rows: rows, into: piece)
+                        } else {
+                            try files.readSummed(of: layer, region: LayerRegion(rows: rows, cols: region.cols), into: piece)
+                        }
                         checksum.update(UnsafeRawBufferPointer(UnsafeMutableBufferPointer(rebasing: piece)))
                     }
                 }
@@ -283,19 +328,22 @@ final class GradientReader: @unchecked Sendable {
         return (buffer, checksum.value)
     }
 
-    /// Bytes of rows read and hashed at a time by ``readF32Payload(_:rows:count:)``.
+    /// Bytes of rows read and hashed at a time by ``readF32Payload(_:region:)``.
     private static let hashedPieceBytes = 256 << 10
 
-    /// G_w · X or G_wᵀ · X for a power-iteration request on `layer`, full size (the reply's
-    /// wire shape), computed from this worker's blocks only (``rangeProduct(with:layer:)``, ``coRangeProduct(with:layer:)``).
+    /// G_w · X or G_wᵀ · X for a power-iteration request on `layer`, computed from this
+    /// worker's blocks only (``rangeProduct(with:layer:)``, ``coRangeProduct(with:layer:)``).
+    /// The request carries only the rows of X the share multiplies (the rest count as zero:
+    /// the blocks never read them), and the reply only the rows of the product the share makes
+    /// nonzero (``productSpans(of:side:)``).
     func answer(_ request: PowerRequest, layer: GradientLayer) throws -> PowerReply {
-        let x = Matrix(rows: Int(request.matrixRows), cols: Int(request.matrixCols), storage: request.values)
+        let x = Matrix(rows: Int(request.matrixRows), cols: Int(request.matrixCols), storage: request.fullValues)
         let product = switch request.side {
         case .range: try rangeProduct(with: x, layer: layer)
         case .corange: try coRangeProduct(with: x, layer: layer)
         }
-        return PowerReply(layerIndex: request.layerIndex, round: request.round, side: request.side,
-                          matrixRows: UInt32(product.rows), matrixCols: UInt32(product.cols), values: product.storage)
+        return PowerReply(layerIndex: request.layerIndex, round: request.round, side: request.side, rowsOf: product.storage,
+                          matrixRows: product.rows, matrixCols: product.cols, spans: productSpans(of: layer, side: request.side))
     }
 
     /// Y = G_w · P for this worker's share G_w = Σ_b E_b(G_b) of `layer`:

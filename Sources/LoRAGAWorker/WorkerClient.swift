@@ -313,36 +313,50 @@ public struct WorkerClient: Sendable {
         return Swift.max(byBytes, Swift.min(rows, blockRows, sketchShardBytes / rowBytes))
     }
 
-    /// Streams one layer as shards, reading the next shard while the current one is written.
+    /// The shards of a layer, in send order: each part in turn, cut into bands of rows sized
+    /// for its width (a whole layer: full rows, exactly as ``rowsPerShard(rows:cols:payloadBytes:spec:shardBytes:)`` sizes them).
+    static func shardRegions(of parts: [LayerRegion], payloadBytes: Int, spec: JobSpec, shardBytes: Int) -> [LayerRegion] {
+        parts.flatMap { part -> [LayerRegion] in
+            let rows = rowsPerShard(rows: part.rows.count, cols: part.cols.count, payloadBytes: payloadBytes, spec: spec, shardBytes: shardBytes)
+            return stride(from: part.rows.lowerBound, to: part.rows.upperBound, by: rows).map {
+                LayerRegion(rows: $0..<Swift.min($0 + rows, part.rows.upperBound), cols: part.cols)
+            }
+        }
+    }
+
+    /// Streams this worker's share of one layer as shards, reading the next shard while the
+    /// current one is written: each of its parts (``GradientReader/parts(of:)``: the whole layer,
+    /// or the rectangles its blocks cover) in turn, cut into bands of rows sized by
+    /// ``rowsPerShard(rows:cols:payloadBytes:spec:shardBytes:)`` on the part's width.
     private func sendLayer(_ begin: LayerBegin, layer: GradientLayer, spec: JobSpec, gradients: GradientReader, pool: NIOThreadPool,
                            outbound: NIOAsyncChannelOutboundWriter<WireMessage>) async throws -> Int {
         let dtype = TensorDType(rawValue: spec.payloadDType.description) ?? .f32
         let compress = spec.compression == .zstdShuffled
         let fromFile = spec.mode == .dense && gradients.sendsRowsFromFile(of: layer, as: dtype, compress: compress)
-        let rowsPerShard = Self.rowsPerShard(rows: layer.rows, cols: layer.cols, payloadBytes: dtype.byteSize, spec: spec,
-                                             shardBytes: fromFile ? Swift.min(options.fileShardBytes, options.maxFrameLength / 2) : options.shardBytes)
-        let ranges = stride(from: 0, to: layer.rows, by: rowsPerShard).map { $0..<Swift.min($0 + rowsPerShard, layer.rows) }
-        func read(_ range: Range<Int>) -> Task<EncodedShard, Error> {
-            Task { try await pool.runIfActive { try gradients.encode(layer, rows: range, as: dtype, compress: compress) } }
+        let shardBytes = fromFile ? Swift.min(options.fileShardBytes, options.maxFrameLength / 2) : options.shardBytes
+        let ranges = Self.shardRegions(of: gradients.parts(of: layer), payloadBytes: dtype.byteSize, spec: spec, shardBytes: shardBytes)
+        func read(_ region: LayerRegion) -> Task<EncodedShard, Error> {
+            Task { try await pool.runIfActive { try gradients.encode(layer, region: region, as: dtype, compress: compress) } }
         }
         var checksum = ShardChecksum()   // of the shard checksums: the commit's
         var sent = 0
         let started = ContinuousClock.now
         var next = read(ranges[0])
-        for (position, range) in ranges.enumerated() {
+        for (position, region) in ranges.enumerated() {
             let shard = try await next.value
             if position + 1 < ranges.count { next = read(ranges[position + 1]) }
             checksum.addShard(shard.checksum)
+            let (range, colStart, cols) = (region.rows, UInt64(region.cols.lowerBound), UInt64(region.cols.count))
             let message: Shard
             if let file = shard.file {
-                message = Shard(layerIndex: begin.layerIndex, rowStart: UInt64(range.lowerBound), rowCount: UInt32(range.count), cols: UInt64(layer.cols),
-                                dtype: spec.payloadDType, payloadFile: file, checksum: shard.checksum, attempt: begin.attempt)
+                message = Shard(layerIndex: begin.layerIndex, rowStart: UInt64(range.lowerBound), rowCount: UInt32(range.count), cols: cols,
+                                dtype: spec.payloadDType, payloadFile: file, checksum: shard.checksum, attempt: begin.attempt, colStart: colStart)
             } else {
                 message = Shard(
-                    layerIndex: begin.layerIndex, rowStart: UInt64(range.lowerBound), rowCount: UInt32(range.count), cols: UInt64(layer.cols),
+                    layerIndex: begin.layerIndex, rowStart: UInt64(range.lowerBound), rowCount: UInt32(range.count), cols: cols,
                     dtype: spec.payloadDType, compression: shard.compressed == nil ? .uncompressed : .zstdShuffled,
                     uncompressedBytes: UInt64(shard.uncompressed.readableBytes), payload: shard.compressed ?? shard.uncompressed,
-                    checksum: shard.checksum, attempt: begin.attempt)
+                    checksum: shard.checksum, attempt: begin.attempt, colStart: colStart)
             }
             try await outbound.write(.shard(message))
             sent += message.payloadBytes
@@ -352,7 +366,8 @@ public struct WorkerClient: Sendable {
                 if due > .now { try await Task.sleep(until: due, clock: .continuous) }
             }
         }
-        try await outbound.write(.layerCommit(LayerCommit(layerIndex: begin.layerIndex, shardCount: UInt32(ranges.count), rowCount: UInt64(layer.rows), checksum: checksum.value, attempt: begin.attempt)))
+        let rowCount = ranges.reduce(0) { $0 + $1.rows.count }
+        try await outbound.write(.layerCommit(LayerCommit(layerIndex: begin.layerIndex, shardCount: UInt32(ranges.count), rowCount: UInt64(rowCount), checksum: checksum.value, attempt: begin.attempt)))
         logger.info("sent layer \(begin.layerIndex) '\(layer.name)' (\(layer.rows)×\(layer.cols), \(sent / 1_000_000) MB\(begin.attempt > 0 ? ", attempt \(begin.attempt)" : ""))")
         return sent
     }

@@ -92,6 +92,7 @@ struct LocalCommand: ParsableCommand, LoggingCommand {
         if settings.lora.fanInFanOut { coordinatorArguments.append("--fan-in-fan-out") }
         if settings.lora.useRSLoRA { coordinatorArguments.append("--rslora") }
         if restart { coordinatorArguments.append("--restart") }
+        if allowUncovered { coordinatorArguments.append("--allow-uncovered") }
 
         log("lora-ga local: 1 coordinator + \(workers) workers on loopback, \(files.count) gradient files, mode \(settings.mode.rawValue), rank \(settings.lora.rank) → \(out)")
         let coordinator = try launch(coordinatorPath, coordinatorArguments)

@@ -402,7 +402,7 @@ import LoRAGAWire
         _ = machine.announced(on: 1, layers: [layers[1]], regions: [layers[1].name: [LayerRegion(wholeOf: 6, 6)]])
         _ = machine.helloReceived(on: 2, hello("w1"))
         _ = machine.announced(on: 2, layers: layers, regions: Dictionary(uniqueKeysWithValues: layers.map { ($0.name, [LayerRegion(wholeOf: $0.rows, $0.cols)]) }))
-        let request = PowerRequest(layerIndex: 0, round: 0, side: .range, matrixRows: 8, matrixCols: 2, values: [Float](repeating: 1, count: 16))
+        let request = PowerRequest(layerIndex: 0, round: 0, side: .range, matrixRows: 4, matrixCols: 2, values: [Float](repeating: 1, count: 8))
         #expect(machine.powerRequestReady(layer: 0, request) == [.send(2, .powerRequest(request))])
         #expect(machine.powerReplyArrived(on: 2, layer: 0, round: 0) == .accept(worker: "w1"))
         #expect(machine.powerReplyStored(layer: 0, worker: "w1") == [.powerRoundComplete(0)])

@@ -43,7 +43,10 @@ import LoRAGAWire
             z.add(try reader.coRangeProduct(with: q, layer: layer))
             // The wire request goes the same way.
             let reply = try reader.answer(PowerRequest(layerIndex: 0, round: 1, side: .range, matrixRows: 150, matrixCols: 12, values: p.storage), layer: layer)
-            #expect(reply.values == share.storage)
+            // It carries only the rows of Y the worker's rows make: half of them.
+            #expect(reply.spans == coverage.coveredRows)
+            #expect(reply.carriedRows == 100)
+            #expect(reply.fullValues == share.storage)
         }
         expectClose(y, Matrix.product(g, p), "Y = G·P from two workers' blocks")
         expectClose(z, Matrix.product(g, q, transposeA: true), "Z = Gᵀ·Q from two workers' blocks")

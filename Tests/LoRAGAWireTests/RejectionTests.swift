@@ -120,7 +120,7 @@ struct RejectionTests {
     @Test("shard payload size must match rowCount × cols × dtype")
     func shardPayloadSize() throws {
         func shardPayload(rowCount: UInt32, cols: UInt64, dtype: UInt8, compression: UInt8 = 0, uncompressed: UInt64, bytes: Int) -> ByteBuffer {
-            let header = le32(0) + le32(0) + le64(0) + le32(rowCount) + le64(cols) + [dtype, compression] + le64(uncompressed) + le64(0)
+            let header = le32(0) + le32(0) + le64(0) + le32(rowCount) + le64(0) + le64(cols) + [dtype, compression] + le64(uncompressed) + le64(0)
             return Samples.rawFrame(type: 6, payload: header + [UInt8](repeating: 0, count: bytes))
         }
         #expect(try Samples.decodeAll(shardPayload(rowCount: 2, cols: 3, dtype: 0, uncompressed: 24, bytes: 24)).count == 1)
@@ -137,20 +137,32 @@ struct RejectionTests {
         #expect(isMalformed(decodeError(shardPayload(rowCount: 2, cols: 3, dtype: 0, compression: 1, uncompressed: 24, bytes: 0)), .shard))
         #expect(isMalformed(decodeError(shardPayload(rowCount: 2, cols: 3, dtype: 0, compression: 1, uncompressed: 1 << 40, bytes: 5)), .shard))
         // rowStart + rowCount must not overflow.
-        let header = le32(0) + le32(0) + le64(.max) + le32(1) + le64(1) + [0, 0] + le64(4) + le64(0)
+        let header = le32(0) + le32(0) + le64(.max) + le32(1) + le64(0) + le64(1) + [0, 0] + le64(4) + le64(0)
         #expect(isMalformed(decodeError(Samples.rawFrame(type: 6, payload: header + [0, 0, 0, 0])), .shard, containing: "overflows"))
+        // Nor colStart + cols.
+        let columns = le32(0) + le32(0) + le64(0) + le32(1) + le64(.max) + le64(1) + [0, 0] + le64(4) + le64(0)
+        #expect(isMalformed(decodeError(Samples.rawFrame(type: 6, payload: columns + [0, 0, 0, 0])), .shard, containing: "overflows"))
     }
 
     @Test("power payload size must match matrixRows × matrixCols × 4")
     func powerPayloadSize() {
         for type in [UInt8(9), 10] {
             let wireType = WireMessageType(rawValue: type)!
-            let good = le32(1) + le32(0) + [0] + le32(2) + le32(3)
+            let good = le32(1) + le32(0) + [0] + le32(2) + le32(3) + le32(1) + le32(0) + le32(2)
             #expect(decodeError(Samples.rawFrame(type: type, payload: good + [UInt8](repeating: 0, count: 24))) == nil)
             #expect(isMalformed(decodeError(Samples.rawFrame(type: type, payload: good + [UInt8](repeating: 0, count: 23))), wireType))
-            let huge = le32(1) + le32(0) + [1] + le32(.max) + le32(.max)
+            let huge = le32(1) + le32(0) + [1] + le32(.max) + le32(.max) + le32(1) + le32(0) + le32(.max)
             #expect(isMalformed(decodeError(Samples.rawFrame(type: type, payload: huge + [0, 0, 0, 0])), wireType))
-            let badSide = le32(1) + le32(0) + [2] + le32(1) + le32(1)
+            // Spans: the rows carried, sorted, disjoint, within matrixRows; the payload is theirs only.
+            let second = le32(1) + le32(0) + [0] + le32(4) + le32(3) + le32(1) + le32(2) + le32(4)
+            #expect(decodeError(Samples.rawFrame(type: type, payload: second + [UInt8](repeating: 0, count: 24))) == nil)
+            let outside = le32(1) + le32(0) + [0] + le32(2) + le32(3) + le32(1) + le32(1) + le32(3)
+            #expect(isMalformed(decodeError(Samples.rawFrame(type: type, payload: outside + [UInt8](repeating: 0, count: 24))), wireType, containing: "row range"))
+            let unordered = le32(1) + le32(0) + [0] + le32(4) + le32(1) + le32(2) + le32(2) + le32(3) + le32(0) + le32(1)
+            #expect(isMalformed(decodeError(Samples.rawFrame(type: type, payload: unordered + [UInt8](repeating: 0, count: 8))), wireType, containing: "row range"))
+            let none = le32(1) + le32(0) + [0] + le32(2) + le32(3) + le32(0)
+            #expect(isMalformed(decodeError(Samples.rawFrame(type: type, payload: none)), wireType))
+            let badSide = le32(1) + le32(0) + [2] + le32(1) + le32(1) + le32(1) + le32(0) + le32(1)
             #expect(isMalformed(decodeError(Samples.rawFrame(type: type, payload: badSide + [0, 0, 0, 0])), wireType, containing: "side"))
         }
     }

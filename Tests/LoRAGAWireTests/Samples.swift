@@ -69,6 +69,8 @@ enum Samples {
                          payload: ByteBuffer(bytes: bytes(40, seed: 1)))),
             .shard(Shard(layerIndex: 2, rowStart: 10, rowCount: 1, cols: 1, dtype: .f16,
                          payload: ByteBuffer(bytes: [0x00, 0x3C]))),
+            .shard(Shard(layerIndex: 5, rowStart: 4, rowCount: 2, cols: 3, dtype: .f32,
+                         payload: ByteBuffer(float32LittleEndian: floats(6)), colStart: 2)),
             .shard(Shard(layerIndex: 9, rowStart: 64, rowCount: 64, cols: 4096, dtype: .bf16,
                          compression: .zstdShuffled, uncompressedBytes: 64 * 4096 * 2,
                          payload: ByteBuffer(bytes: bytes(37, seed: 2)))),
@@ -80,6 +82,8 @@ enum Samples {
             .powerRequest(PowerRequest(layerIndex: 4, round: 1, side: .corange, matrixRows: 1, matrixCols: 1, values: [-0.0])),
             .powerReply(PowerReply(layerIndex: 4, round: 0, side: .range, matrixRows: 2, matrixCols: 4, values: floats(8, offset: 1))),
             .powerReply(PowerReply(layerIndex: 4, round: 5, side: .corange, matrixRows: 4, matrixCols: 2, values: floats(8, offset: 2))),
+            .powerReply(PowerReply(layerIndex: 4, round: 2, side: .range, matrixRows: 9, matrixCols: 2, spans: [1..<3, 7..<9], values: floats(8, offset: 3))),
+            .powerRequest(PowerRequest(layerIndex: 4, round: 2, side: .corange, matrixRows: 5, matrixCols: 1, spans: [4..<5], values: [2.5])),
         ]
             + WireErrorCode.allCases.map { .error(ErrorMessage(code: $0, message: "because \($0) ✗")) }
             + [

@@ -74,6 +74,60 @@ public struct LayerAccumulator: Sendable {
         }
     }
 
+    /// Adds a block (rows and a column window of the layer) at its offset: a full-width block
+    /// takes the row-block path; a narrower one is added row by row into the sum, or folded
+    /// into the sketch with the test matrices' rows of its columns.
+    public mutating func add(_ block: LayerBlock) {
+        let region = block.region
+        precondition(region.rows.upperBound <= rows && region.cols.upperBound <= cols, "block \(region) outside layer '\(name)' \(rows)×\(cols)")
+        if region.cols == 0..<cols {
+            return add(RowBlock(rowStart: region.rows.lowerBound, rowCount: region.rows.count, cols: cols, values: block.values))
+        }
+        if dense != nil {
+            guard let base = block.values.baseAddress else { return }
+            _ = addDense(region, from: UnsafeRawPointer(base))
+        } else {
+            sketch!.fold(block)
+        }
+    }
+
+    /// Adds a block of a dense sum straight from native-endian Float32 bytes at any alignment
+    /// (a wire payload), rows `region.rows`, `region.cols.count` values each, checking them for
+    /// NaN/Inf in the same pass. Returns the index (into `bytes`, in floats) of the first
+    /// non-finite value, after which the sum is unusable.
+    public mutating func addDenseFloat32(_ region: LayerRegion, bytes: UnsafeRawBufferPointer) -> Int? {
+        if region.cols == 0..<cols { return addDenseFloat32(rowStart: region.rows.lowerBound, bytes: bytes) }
+        precondition(dense != nil && bytes.count == 4 * region.elementCount && region.rows.upperBound <= rows && region.cols.upperBound <= cols,
+                     "\(bytes.count) bytes for block \(region) of dense layer '\(name)' \(rows)×\(cols)")
+        guard let base = bytes.baseAddress, addDense(region, from: base) else { return nil }
+        return (0..<region.elementCount).first { !base.loadUnaligned(fromByteOffset: 4 * $0, as: Float.self).isFinite }
+    }
+
+    /// A block narrower than the layer: rows from `writtenRows` on are zeroed first (their
+    /// other columns must read as zero), then each row of the block is added at its columns.
+    private mutating func addDense(_ region: LayerRegion, from source: UnsafeRawPointer) -> Bool {
+        let end = region.rows.upperBound
+        let (cols, written, populated) = (cols, writtenRows, populatedRows)
+        writtenRows = Swift.max(written, end)
+        let mapTo = end > populated ? Swift.min(rows, Swift.max(end, populated + Swift.max(1, Self.populateBytes / (4 * cols)))) : populated
+        populatedRows = mapTo
+        let width = region.cols.count
+        return dense!.storage.withUnsafeMutableBufferPointer { sum in
+            let target = sum.baseAddress!
+            if mapTo > populated {
+                ZeroedFloats.populate(UnsafeMutableRawPointer(target + populated * cols), byteCount: 4 * (mapTo - populated) * cols)
+            }
+            if end > written {
+                (target + written * cols).update(repeating: 0, count: (end - written) * cols)
+            }
+            var bad = false
+            for (offset, row) in region.rows.enumerated() {
+                bad = FloatKernels.accumulate(source + 4 * offset * width, count: width, into: target + row * cols + region.cols.lowerBound, store: false) || bad
+            }
+            return bad
+        }
+    }
+
     /// Adds rows of a dense sum straight from native-endian Float32 bytes at any alignment
     /// (a wire payload), checking them for NaN/Inf in the same pass. Returns the index (into
     /// `bytes`, in floats) of the first non-finite value, after which the sum is unusable.

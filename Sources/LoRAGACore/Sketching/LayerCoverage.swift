@@ -51,6 +51,38 @@ public struct LayerCoverage: Sendable, Hashable, Codable {
         return result
     }
 
+    /// The covered entries as disjoint rectangles, in a canonical order that depends only on
+    /// the regions: the layer is cut into bands of rows between consecutive block edges, each
+    /// band's covered columns are merged into ranges, and neighbouring bands with the same
+    /// ranges merge into one rectangle; rectangles come band by band, left to right. Every
+    /// region lies, within a band, inside exactly one of the band's rectangles (so a rectangle
+    /// never cuts a region's columns). A whole-layer region gives the whole layer.
+    ///
+    /// A worker sends exactly these rectangles of its share (each entry once, however many of
+    /// its files overlap there), and the coordinator expects exactly these from it.
+    public var disjointCover: [LayerRegion] {
+        guard rows > 0, cols > 0 else { return [] }
+        var edges = Set<Int>()
+        for region in regions { edges.insert(region.rows.lowerBound); edges.insert(region.rows.upperBound) }
+        let sortedEdges = edges.sorted()
+        var result: [LayerRegion] = []
+        var open: [Range<Int>] = []   // covered column ranges of the band run so far
+        var openStart = 0
+        var openEnd = 0
+        func close() { result += open.map { LayerRegion(rows: openStart..<openEnd, cols: $0) } }
+        for (start, end) in zip(sortedEdges, sortedEdges.dropFirst()) {
+            let covered = Self.union(regions.filter { $0.rows.lowerBound <= start && $0.rows.upperBound >= end }.map(\.cols))
+            if covered == open && openEnd == start {
+                openEnd = end
+                continue
+            }
+            close()
+            (open, openStart, openEnd) = (covered, start, end)
+        }
+        close()
+        return result
+    }
+
     /// "rows 0..<4, cols 8..<16; rows 4..<8, cols 0..<16" (the first `limit` rectangles).
     public func describeUncovered(limit: Int = 8) -> String {
         let gaps = uncovered

@@ -79,6 +79,49 @@ public struct SingleViewSketch: Sendable {
         z.add(Matrix.product(phiBlock, right, transposeA: true))                              // Z += Φ[:, i:j] G_b Ξᵀ
     }
 
+    /// Adds a block's contribution at its offset (Tropp et al.'s sketches are linear in G, and
+    /// G_b's embedding is zero outside its rectangle): with rows i:j and columns c0:c1,
+    ///
+    ///     Y[i:j, :]  += G_b Ω[c0:c1, :]
+    ///     X[:, c0:c1] += Υ[:, i:j] G_b
+    ///     Z          += Φ[:, i:j] G_b Ξᵀ[c0:c1, :]
+    ///
+    /// A full-width block takes ``fold(_:)-(RowBlock)`` unchanged.
+    public mutating func fold(_ block: LayerBlock) {
+        let region = block.region
+        precondition(region.rows.upperBound <= rows && region.cols.upperBound <= cols, "block \(region) does not fit sketch \(rows)×\(cols)")
+        guard !region.isEmpty else { return }
+        if region.cols == 0..<cols {
+            return fold(RowBlock(rowStart: region.rows.lowerBound, rowCount: region.rows.count, cols: cols, values: block.values))
+        }
+        let (m, w, k, s) = (region.rows.count, region.cols.count, width, coreWidth)
+        let (c0, cols) = (region.cols.lowerBound, self.cols)
+        let g = block.values.baseAddress!
+        omega.storage.withUnsafeBufferPointer { omegaValues in
+            y.storage.withUnsafeMutableBufferPointer { yValues in
+                BLAS.gemm(transposeA: false, transposeB: false, m: m, n: k, k: w, a: g, lda: w,
+                          b: omegaValues.baseAddress! + c0 * k, ldb: k, beta: 1,
+                          c: yValues.baseAddress! + region.rows.lowerBound * k, ldc: k)              // Y[i:j] += G_b Ω[c0:c1]
+            }
+        }
+        let upsilonBlock = generator.rows(region.rows, width: k, kind: .coRange)                     // Υᵀ[i:j, :]
+        upsilonBlock.storage.withUnsafeBufferPointer { upsilon in
+            x.storage.withUnsafeMutableBufferPointer { xValues in
+                BLAS.gemm(transposeA: true, transposeB: false, m: k, n: w, k: m, a: upsilon.baseAddress!, lda: k,
+                          b: g, ldb: w, beta: 1, c: xValues.baseAddress! + c0, ldc: cols)          // X[:, c0:c1] += Υ[:, i:j] G_b
+            }
+        }
+        var right = Matrix(rows: m, cols: s)
+        xiT.storage.withUnsafeBufferPointer { xi in
+            right.storage.withUnsafeMutableBufferPointer { r in
+                BLAS.gemm(transposeA: false, transposeB: false, m: m, n: s, k: w, a: g, lda: w,
+                          b: xi.baseAddress! + c0 * s, ldb: s, beta: 0, c: r.baseAddress!, ldc: s)    // G_b Ξᵀ[c0:c1]
+            }
+        }
+        let phiBlock = generator.rows(region.rows, width: s, kind: .coreLeft)
+        z.add(Matrix.product(phiBlock, right, transposeA: true))                                   // Z += Φ[:, i:j] G_b Ξᵀ[c0:c1]
+    }
+
     /// Adds another sketch of the same layer (same seed, sizes): the sketch of the sum.
     public mutating func merge(_ other: SingleViewSketch) {
         precondition(other.rows == rows && other.cols == cols && other.width == width && other.coreWidth == coreWidth && other.generator.seed == generator.seed && other.layerName == layerName,

@@ -1,7 +1,9 @@
 import NIOCore
 
-/// Type 6, worker → coordinator: rows `[rowStart, rowStart + rowCount)` of one
-/// layer's gradient, row-major, `cols` wide.
+/// Type 6, worker → coordinator: a rectangle of one layer's gradient, rows
+/// `[rowStart, rowStart + rowCount)` and columns `[colStart, colStart + cols)`, row-major,
+/// `cols` wide. A worker holding a whole layer sends full rows (`colStart` 0, `cols` the
+/// layer's width); one holding blocks sends only the rectangles it holds.
 ///
 /// `uncompressedBytes` is always `rowCount × cols × dtype.byteWidth`; without
 /// compression `payload` holds exactly that many bytes. With compression the
@@ -13,13 +15,16 @@ public struct Shard: WireMessageBody {
     public static let messageType = WireMessageType.shard
 
     /// Bytes before the payload.
-    public static let headerBytes = 4 + 4 + 8 + 4 + 8 + 1 + 1 + 8 + 8
+    public static let headerBytes = 4 + 4 + 8 + 4 + 8 + 8 + 1 + 1 + 8 + 8
 
     public var layerIndex: UInt32
     /// The attempt of the `LayerBegin` this shard answers (older attempts are discarded).
     public var attempt: UInt32
     public var rowStart: UInt64
     public var rowCount: UInt32
+    /// The first column of the rectangle (0 for full rows).
+    public var colStart: UInt64
+    /// The rectangle's width: columns per row of the payload.
     public var cols: UInt64
     public var dtype: WireDType
     public var compression: WireCompression
@@ -42,12 +47,14 @@ public struct Shard: WireMessageBody {
         uncompressedBytes: UInt64,
         payload: ByteBuffer,
         checksum: UInt64? = nil,
-        attempt: UInt32 = 0
+        attempt: UInt32 = 0,
+        colStart: UInt64 = 0
     ) {
         self.layerIndex = layerIndex
         self.attempt = attempt
         self.rowStart = rowStart
         self.rowCount = rowCount
+        self.colStart = colStart
         self.cols = cols
         self.dtype = dtype
         self.compression = compression
@@ -59,20 +66,21 @@ public struct Shard: WireMessageBody {
     /// An uncompressed shard; `uncompressedBytes` is the payload's size, and `checksum`
     /// is computed from `payload` unless given.
     public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payload: ByteBuffer,
-                checksum: UInt64? = nil, attempt: UInt32 = 0) {
+                checksum: UInt64? = nil, attempt: UInt32 = 0, colStart: UInt64 = 0) {
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype,
-            compression: .uncompressed, uncompressedBytes: UInt64(payload.readableBytes), payload: payload, checksum: checksum, attempt: attempt
+            compression: .uncompressed, uncompressedBytes: UInt64(payload.readableBytes), payload: payload, checksum: checksum, attempt: attempt,
+            colStart: colStart
         )
     }
 
     /// An uncompressed shard sent straight from a file: `payloadFile` holds its rows as the
     /// file stores them (in the wire's dtype and byte order), and `checksum` is their hash.
     public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payloadFile: FileRegion,
-                checksum: UInt64, attempt: UInt32 = 0) {
+                checksum: UInt64, attempt: UInt32 = 0, colStart: UInt64 = 0) {
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype, compression: .uncompressed,
-            uncompressedBytes: UInt64(payloadFile.readableBytes), payload: ByteBuffer(), checksum: checksum, attempt: attempt)
+            uncompressedBytes: UInt64(payloadFile.readableBytes), payload: ByteBuffer(), checksum: checksum, attempt: attempt, colStart: colStart)
         self.payloadFile = payloadFile
     }
 
@@ -87,6 +95,9 @@ public struct Shard: WireMessageBody {
 
     /// Rows one past the last row of this shard (validated not to overflow).
     public var rowEnd: UInt64 { rowStart + UInt64(rowCount) }
+
+    /// Columns one past the last column of this shard (validated not to overflow).
+    public var colEnd: UInt64 { colStart + cols }
 
     public func validate() throws(WireError) {
         try validateFields()
@@ -112,6 +123,9 @@ public struct Shard: WireMessageBody {
         guard !rowStart.addingReportingOverflow(UInt64(rowCount)).overflow else {
             throw fail("rowStart \(rowStart) + rowCount \(rowCount) overflows")
         }
+        guard !colStart.addingReportingOverflow(cols).overflow else {
+            throw fail("colStart \(colStart) + cols \(cols) overflows")
+        }
         guard let expected = payloadByteCount(rows: rowCount, cols: cols, dtype: dtype) else {
             throw fail("\(rowCount)×\(cols) \(dtype) overflows a byte count")
         }
@@ -133,6 +147,7 @@ public struct Shard: WireMessageBody {
         buffer.writeLittleEndian(attempt)
         buffer.writeLittleEndian(rowStart)
         buffer.writeLittleEndian(rowCount)
+        buffer.writeLittleEndian(colStart)
         buffer.writeLittleEndian(cols)
         buffer.writeLittleEndian(dtype.rawValue)
         buffer.writeLittleEndian(compression.rawValue)
@@ -154,6 +169,7 @@ public struct Shard: WireMessageBody {
         let attempt = try reader.integer("attempt", as: UInt32.self)
         let rowStart = try reader.integer("rowStart", as: UInt64.self)
         let rowCount = try reader.integer("rowCount", as: UInt32.self)
+        let colStart = try reader.integer("colStart", as: UInt64.self)
         let cols = try reader.integer("cols", as: UInt64.self)
         let dtype = try reader.enumeration("dtype", as: WireDType.self)
         let compression = try reader.enumeration("compression", as: WireCompression.self)
@@ -162,7 +178,8 @@ public struct Shard: WireMessageBody {
         buffer = reader.buffer
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype,
-            compression: compression, uncompressedBytes: uncompressedBytes, payload: ByteBuffer(), checksum: checksum, attempt: attempt
+            compression: compression, uncompressedBytes: uncompressedBytes, payload: ByteBuffer(), checksum: checksum, attempt: attempt,
+            colStart: colStart
         )
     }
 }
