@@ -203,7 +203,7 @@ import LoRAGAWire
         sums.addShard(5)
         let early = LayerCommit(layerIndex: 0, shardCount: 1, rowCount: 3, checksum: sums.value)
         guard case .refuse(1, let short)? = other.committed(on: 1, early).first else { Issue.record("expected a refusal"); return }
-        #expect(short.message.contains("3 of 8 rows"))
+        #expect(short.message.contains("3 of the 8 rows"))
     }
 
     @Test func aDamagedShardIsRefusedAndNeverCounts() {

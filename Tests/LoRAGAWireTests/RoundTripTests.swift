@@ -140,7 +140,7 @@ struct RoundTripTests {
         let frame = try Samples.frame(.layerDone(LayerDone(layerIndex: 0x0102_0304)))
         #expect(Array(frame.readableBytesView) == [5, 0, 0, 0, 8, 0x04, 0x03, 0x02, 0x01])
         let hello = try Samples.frame(.hello(Hello(workerID: "ab", sessionNonce: 1)))
-        #expect(Array(hello.readableBytesView.prefix(13)) == [47, 0, 0, 0, 1, 4, 0, 2, 0, 0x61, 0x62, 1, 0])
+        #expect(Array(hello.readableBytesView.prefix(13)) == [47, 0, 0, 0, 1, 5, 0, 2, 0, 0x61, 0x62, 1, 0])
         #expect(hello.readableBytes == 4 + 1 + 2 + 2 + 2 + 8 + 32)
     }
 
