@@ -29,8 +29,13 @@ import LoRAGAWorker
         return dirs
     }
 
+    /// Every layer whole, in one plain file (no blocks).
     static func whole() throws -> [String] {
-        try write("traffic-whole", workers: 1) { r, c in [Piece(rows: 0..<r, cols: 0..<c, whole: true)] }
+        let dir = try Fixtures.scratch("traffic-whole")
+        try SafeTensorsWriter.write(path: dir + "/grads.safetensors", tensors: shapes.indices.map { index in
+            (.init(name: shapes[index].0, dtype: .f32, shape: [shapes[index].1, shapes[index].2]), gradient(index).storage)
+        })
+        return [dir]
     }
 
     static func rowHalves() throws -> [String] {
