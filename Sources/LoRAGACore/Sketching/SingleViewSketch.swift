@@ -86,7 +86,7 @@ public struct SingleViewSketch: Sendable {
     ///     X[:, c0:c1] += Υ[:, i:j] G_b
     ///     Z          += Φ[:, i:j] G_b Ξᵀ[c0:c1, :]
     ///
-    /// A full-width block takes ``fold(_:)-(RowBlock)`` unchanged.
+    /// A full-width block takes the row-block fold unchanged.
     public mutating func fold(_ block: LayerBlock) {
         let region = block.region
         precondition(region.rows.upperBound <= rows && region.cols.upperBound <= cols, "block \(region) does not fit sketch \(rows)×\(cols)")
