@@ -280,6 +280,9 @@ public actor CoordinatorEngine {
                     if parts.contains(where: { $0.part != "whole" }) {
                         for part in parts { logger.info("layer '\(part.layer)': worker '\(part.worker)' holds \(part.part)") }
                     }
+                    for (layer, hole) in machine.uncoveredParts() {
+                        logger.warning("layer '\(layer)': no worker's blocks cover \(hole); counted as zeros (--allow-uncovered)")
+                    }
                 } catch {
                     perform(machine.fail(JobError(ExitStatus.kind(of: error), "\(error)")))
                 }

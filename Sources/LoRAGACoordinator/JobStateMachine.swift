@@ -261,6 +261,18 @@ public struct JobStateMachine: Sendable {
         return nil
     }
 
+    /// Layers whose workers' blocks leave entries uncovered (accepted as zeros with
+    /// `allowUncovered`), with the uncovered rectangles, for the job's log.
+    public func uncoveredParts() -> [(layer: String, uncovered: String)] {
+        guard let layers else { return [] }
+        return layers.enumerated().compactMap { index, layer in
+            let holding = (holders[index] ?? []).compactMap { announcements[$0] }
+            guard !holding.isEmpty, holding.allSatisfy(\.sharded) else { return nil }
+            let coverage = LayerCoverage(rows: layer.rows, cols: layer.cols, regions: holding.flatMap { $0.regions[layer.name] ?? [] })
+            return coverage.isComplete ? nil : (layer.name, coverage.describeUncovered())
+        }
+    }
+
     /// Which worker holds which part of each layer, for the job's log.
     public func contributions() -> [(layer: String, worker: String, part: String)] {
         guard let layers else { return [] }

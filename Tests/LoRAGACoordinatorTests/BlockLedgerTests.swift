@@ -209,6 +209,8 @@ import LoRAGAWire
         let (allowed, opened) = running(.sketch, left, hole, allowUncovered: true)
         #expect(allowed.phase == .running)
         #expect(opened.contains(.openLayer(1, layers[1])))
+        let holes = allowed.uncoveredParts()
+        #expect(holes.map(\.layer) == ["b.weight"] && holes.first?.uncovered.contains("rows 5..<6, cols 3..<6") == true, "\(holes)")
     }
 
     /// `--allow-uncovered` is one declaration: flag, environment and config key all reach the
