@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import LoRAGACore
+import LoRAGADaemon
 import LoRAGAFormats
 
 struct SynthCommand: ParsableCommand, LoggingCommand {
