@@ -251,8 +251,8 @@ public struct WorkerStateMachine: Sendable {
                 return [.closeConnection]
             }
             return fail(failure)
-        case .goodbye:
-            state = .closing(reason: "connection to the coordinator lost")
+        case .goodbye(let goodbye):
+            state = .closing(reason: "the coordinator said goodbye (\(goodbye.reason))")
             return [.closeConnection]
         case .challenge, .jobSpec, .hello, .announce, .shard, .layerCommit, .powerReply:
             return fail(WorkerError(message: "unexpected \(message.type) from the coordinator", isFinal: true))
