@@ -62,8 +62,12 @@ public struct WorkerSummary: Sendable {
 
 /// A worker: reads its gradient files and serves the coordinator's requests — stream a
 /// layer's row blocks (dense, sketch) or multiply its gradient by a matrix (power) — until
-/// the job is done. Reconnects with backoff when the connection drops; everything it sends
-/// for a layer counts only after its commit, so resending is always safe.
+/// the job is done. Everything it sends for a layer counts only after its commit, so
+/// resending is always safe.
+///
+/// The executor of ``WorkerStateMachine``, which decides when to connect, retry or give up and
+/// what each message calls for: this type owns the sockets, the files, the thread pool and the
+/// clock, feeds the machine events and carries out its actions.
 public struct WorkerClient: Sendable {
     /// Largest shard in sketch mode, where shards are sized for the coordinator's products.
     static let sketchShardBytes = 16 << 20
