@@ -134,6 +134,10 @@ let package = Package(
             dependencies: ["LoRAGACoordinator", "LoRAGADaemon", "LoRAGAWire", "LoRAGAFormats", "LoRAGACore"]
         ),
         .testTarget(
+            name: "LoRAGAWorkerTests",
+            dependencies: ["LoRAGAWorker", "LoRAGADaemon", "LoRAGAWire", "LoRAGAFormats", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(
             name: "LoRAGASystemTests",
             dependencies: [
                 "LoRAGACore", "LoRAGAFormats", "LoRAGACoordinator", "LoRAGAWorker", "LoRAGAWire", "LoRAGADaemon",
