@@ -84,12 +84,15 @@ protocol LoggingCommand {
     var logging: LogOptions { get }
 }
 
-/// `--log-level` and `--log-format` of every lora-ga subcommand.
+/// `--log-level` and `--log-format` of the subcommands that are not ``CatalogCommand``s, with
+/// the help and default of their declarations in ``SettingsCatalog/logging``.
 struct LogOptions: ParsableArguments {
-    @Option(help: "Least severe message written: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = "info"
-    @Option(help: "Messages on stderr as text, or as one JSON object per line (text, json).")
-    var logFormat: String = "text"
+    static func declared(_ name: String) -> Setting { SettingsCatalog.logging.first { $0.name == name }! }
+
+    @Option(help: ArgumentHelp(LogOptions.declared("log-level").help, valueName: "trace|debug|info|notice|warning|error|critical"))
+    var logLevel: String = LogOptions.declared("log-level").defaultValue!
+    @Option(help: ArgumentHelp(LogOptions.declared("log-format").help, valueName: "text|json"))
+    var logFormat: String = LogOptions.declared("log-format").defaultValue!
 
     func validate() throws {
         _ = try DaemonLogging.level(logLevel, source: "--log-level")
