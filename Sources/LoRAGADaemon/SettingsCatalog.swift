@@ -54,6 +54,7 @@ public enum SettingsCatalog {
 
     /// Gradient files: `lora-ga init` and `lora-ga local`.
     public static let allowUncovered = Setting("allow-uncovered", .flag, default: "false", help: "Count entries of a layer that no gradient file covers (blocks leaving a hole) as zeros instead of refusing the layer.")
+    public static let target = Setting("target", .string, help: "Regular expression selecting layers by tensor name (default: every 2-D tensor).")
     static let gradientPaths = SettingsSchema.Operands("paths", help: "Gradient files, or directories holding *.safetensors (searched recursively).")
 
     public static let coordinator = SettingsSchema(command: "lora-ga-coord", settings: common + [
@@ -93,7 +94,7 @@ public enum SettingsCatalog {
     public static let initCommand = SettingsSchema(command: "lora-ga init", settings: logging + [out] + factors + [
         adapterDType,
         restart,
-        Setting("target", .string, help: "Regular expression selecting layers by tensor name (default: every 2-D tensor)."),
+        target,
         Setting("estimate-fidelity", .flag, default: "false", help: "Power mode: read each layer once more to report a fidelity estimate (dense mode always does; `lora-ga verify` measures it exactly)."),
         allowUncovered,
     ], operands: gradientPaths)
@@ -109,8 +110,16 @@ public enum SettingsCatalog {
         allowUncovered,
     ], operands: gradientPaths)
 
+    /// `lora-ga verify`: an adapter measured against the gradient files it came from.
+    public static let verifyCommand = SettingsSchema(command: "lora-ga verify", settings: logging + [
+        Setting("adapter", .path, help: "Adapter directory (holding adapter_model.safetensors; required)."),
+        Setting("threshold", .double, default: "1.01", help: "Largest acceptable ratio; a worse layer makes verify exit 1."),
+        target,
+        allowUncovered,
+    ], operands: SettingsSchema.Operands("paths", help: "The gradient files or directories the adapter was computed from."))
+
     /// Every schema, for the checks that span executables.
-    public static var all: [SettingsSchema] { [coordinator, worker, initCommand, localCommand] }
+    public static var all: [SettingsSchema] { [coordinator, worker, initCommand, localCommand, verifyCommand] }
 
     /// LORA_GA_* variables of lora-ga's scripts and tests, not settings of an executable.
     public static let reservedEnvironmentNames = ["LORA_GA_BIN", "LORA_GA_SCRATCH", "LORA_GA_VENV"]

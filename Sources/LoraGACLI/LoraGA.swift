@@ -46,7 +46,8 @@ struct LoraGA: ParsableCommand {
                 settings = try ResolvedSettings(schema: type(of: cataloged).schema, arguments: cataloged.arguments,
                                                 environment: ProcessInfo.processInfo.environment)
             } catch {
-                FileHandle.standardError.write(Data("lora-ga: \(error)\n".utf8))
+                let command = type(of: cataloged).schema.command, message = "\(error)"
+                FileHandle.standardError.write(Data(((message.hasPrefix(command) ? "" : command + ": ") + message + "\n").utf8))
                 Foundation.exit(ExitStatus.code(of: error))
             }
             CLILog.configure(settings!)

@@ -129,7 +129,8 @@ import LoRAGADaemon
         // The coordinator's and the worker's TLS files are different things under one name;
         // neither passes settings to the other. `lora-ga local` passes to both.
         let pairs = [(SettingsCatalog.initCommand, SettingsCatalog.localCommand), (SettingsCatalog.initCommand, SettingsCatalog.coordinator),
-                     (SettingsCatalog.localCommand, SettingsCatalog.coordinator), (SettingsCatalog.localCommand, SettingsCatalog.worker)]
+                     (SettingsCatalog.localCommand, SettingsCatalog.coordinator), (SettingsCatalog.localCommand, SettingsCatalog.worker),
+                     (SettingsCatalog.initCommand, SettingsCatalog.verifyCommand), (SettingsCatalog.localCommand, SettingsCatalog.verifyCommand)]
         for (schema, other) in pairs {
             for setting in schema.settings {
                 guard let theirs = other.setting(setting.name) else { continue }
