@@ -21,6 +21,11 @@ extension CatalogCommand {
         try run(ResolvedSettings(schema: Self.schema, arguments: arguments, environment: ProcessInfo.processInfo.environment))
     }
 
+    /// The usage line of `--help`.
+    static var usage: String {
+        schema.command + " [--<setting> <value> ...]" + (schema.operands.map { " <\($0.name)> ..." } ?? "")
+    }
+
     /// The discussion of `--help`: `text`, then every declared setting.
     static func discussion(_ text: String) -> String {
         text + "\n\n" + schema.helpText()

@@ -10,6 +10,7 @@ struct InitCommand: CatalogCommand {
     static let configuration = CommandConfiguration(
         commandName: "init",
         abstract: "Compute LoRA-GA factors from gradient files in this process and write a PEFT adapter.",
+        usage: usage,
         discussion: discussion("""
             Writes OUT/adapter_model.safetensors and OUT/adapter_config.json (PEFT LoRA), \
             OUT/lora_ga_report.json (per layer: shape, top singular values, mode, time, fidelity), \

@@ -10,6 +10,7 @@ struct LocalCommand: CatalogCommand {
     static let configuration = CommandConfiguration(
         commandName: "local",
         abstract: "Run the distributed job on this machine: one lora-ga-coord and N lora-ga-worker processes over loopback TCP.",
+        usage: usage,
         discussion: discussion("""
             The gradient files under PATH… are dealt out round-robin to the workers (give N \
             directories for N workers to keep each worker's files together). The coordinator \

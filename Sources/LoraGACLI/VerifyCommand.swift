@@ -10,6 +10,7 @@ struct VerifyCommand: CatalogCommand {
     static let configuration = CommandConfiguration(
         commandName: "verify",
         abstract: "Measure an adapter's LoRA-GA fidelity exactly against the gradient files.",
+        usage: usage,
         discussion: discussion("""
             ratio = ‖P_B G + G P_A − G‖_F / ‖G − G_2r‖_F per layer (optimum 1.0), where G is the \
             exact sum of the files. The optimum uses a planted-spectrum.json found in (or next to) \
