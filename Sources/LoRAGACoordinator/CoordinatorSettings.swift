@@ -4,26 +4,6 @@ import NIOSSL
 import LoRAGAFormats
 import LoRAGAWire
 
-extension SVDMode: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
-extension LoRAGADirection: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
-extension LoRAMethod: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
-extension FactorConvention: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
 /// The coordinator's settings resolved from flags, environment and config file, as
 /// declared in ``SettingsCatalog/coordinator``.
 public struct CoordinatorSettings: Sendable {
