@@ -4,26 +4,6 @@ import NIOSSL
 import LoRAGAFormats
 import LoRAGAWire
 
-extension SVDMode: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
-extension LoRAGADirection: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
-extension LoRAMethod: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
-extension FactorConvention: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
 /// The coordinator's settings resolved from flags, environment and config file, as
 /// declared in ``SettingsCatalog/coordinator``.
 public struct CoordinatorSettings: Sendable {
@@ -68,8 +48,8 @@ public struct CoordinatorSettings: Sendable {
         let out: String = try settings.required("out")
         var options = CoordinatorOptions(settings: job, expectedWorkers: workers, outputDirectory: out)
         options.window = try settings.required("window")
-        options.payloadDType = try CoordinatorSettings.dtype(try settings.required("payload-dtype"), key: "payload-dtype")
-        options.adapterDType = try CoordinatorSettings.dtype(try settings.required("adapter-dtype"), key: "adapter-dtype")
+        options.payloadDType = try CoordinatorSettings.writableDType(settings, "payload-dtype")
+        options.adapterDType = try CoordinatorSettings.writableDType(settings, "adapter-dtype")
         options.compressShards = try settings.flag("compress")
         options.gatherTimeout = .seconds(try settings.required("gather-timeout", as: Double.self))
         options.rejoinTimeout = .seconds(try settings.required("rejoin-timeout", as: Double.self))
@@ -103,12 +83,12 @@ public struct CoordinatorSettings: Sendable {
         host == "localhost" || host == "::1" || host.hasPrefix("127.")
     }
 
-    static func dtype(_ name: String, key: String) throws -> TensorDType {
-        switch name.lowercased() {
-        case "f32": return .f32
-        case "bf16": return .bf16
-        case "f16": return .f16
-        default: throw JobError(.usage, "\(key) '\(name)' is not one of f32, bf16, f16")
+    /// A dtype setting that `Float` data is written as (F64 is read from files only).
+    static func writableDType(_ settings: ResolvedSettings, _ name: String) throws -> TensorDType {
+        let dtype: TensorDType = try settings.required(name)
+        guard dtype.isWritableFromFloat else {
+            throw JobError(.usage, "\(name) '\(dtype.argumentName)' is not one of \(TensorDType.writableCases.map(\.argumentName).joined(separator: ", "))")
         }
+        return dtype
     }
 }

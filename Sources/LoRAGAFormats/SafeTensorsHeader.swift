@@ -1,4 +1,5 @@
 import Foundation
+import LoRAGACore
 
 /// The validated JSON header of a safetensors file.
 ///
@@ -72,7 +73,8 @@ struct SafeTensorsHeader {
             throw fail("tensor '\(name)' has dtype \(describe(rawDType)), which is not a string")
         }
         guard let dtype = TensorDType(rawValue: dtypeName) else {
-            throw fail("tensor '\(name)' has unknown dtype '\(dtypeName)'")
+            let supported = TensorDType.allCases.map(\.safetensorsName).joined(separator: ", ")
+            throw fail("tensor '\(name)' has dtype '\(dtypeName)', which lora-ga does not read (it reads \(supported))")
         }
 
         guard let rawShape = fields["shape"] else { throw fail("tensor '\(name)' has no \"shape\"") }

@@ -30,7 +30,7 @@ struct InitCommand: ParsableCommand, LoggingCommand {
     var target: String?
 
     @Option(help: "dtype of the adapter tensors: f32, bf16 or f16.")
-    var dtype: AdapterDType = .f32
+    var dtype: TensorDType = .f32
 
     @Flag(help: "Discard an existing job in OUT instead of resuming it.")
     var restart = false
@@ -58,7 +58,7 @@ struct InitCommand: ParsableCommand, LoggingCommand {
             job.layerDone = { done, total in bar.update(done: done, total: total) }
         }
         let clock = ContinuousClock.now
-        let reports = try job.run(adapterDType: dtype.tensorDType)
+        let reports = try job.run(adapterDType: dtype)
         bar?.finish()
         CLILog.beforeWrite = {}
         let worst = reports.compactMap(\.fidelityEstimate).max()

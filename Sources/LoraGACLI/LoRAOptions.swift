@@ -11,15 +11,14 @@ enum ScaleName: String, ExpressibleByArgument, CaseIterable {
     case stable, unit, gd
 }
 
-enum AdapterDType: String, ExpressibleByArgument, CaseIterable {
-    case f32, bf16, f16
-    var tensorDType: TensorDType {
-        switch self {
-        case .f32: .f32
-        case .bf16: .bf16
-        case .f16: .f16
-        }
+// Every dtype option of the CLI names data written from Float (adapters, files, shards).
+extension TensorDType: ExpressibleByArgument {
+    public init?(argument: String) {
+        guard let dtype = TensorDType(argument), dtype.isWritableFromFloat else { return nil }
+        self = dtype
     }
+    public var defaultValueDescription: String { argumentName }
+    public static var allValueStrings: [String] { writableCases.map(\.argumentName) }
 }
 
 /// The LoRA-GA and randomized-SVD options shared by every command that computes factors.

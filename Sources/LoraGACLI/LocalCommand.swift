@@ -27,7 +27,7 @@ struct LocalCommand: ParsableCommand, LoggingCommand {
     var out: String
 
     @Option(help: "dtype shards travel in: f32, bf16 or f16.")
-    var payloadDtype: AdapterDType = .f32
+    var payloadDtype: TensorDType = .f32
 
     @Flag(help: "Discard an existing job in OUT instead of resuming it.")
     var restart = false
@@ -82,7 +82,7 @@ struct LocalCommand: ParsableCommand, LoggingCommand {
             "--rank", "\(settings.lora.rank)", "--alpha", "\(settings.lora.alpha)", "--direction", settings.lora.direction.rawValue,
             "--scale", settings.lora.scale.name, "--mode", settings.mode.rawValue, "--oversampling", "\(settings.oversampling)",
             "--passes", "\(settings.passes)", "--sketch-width", "\(settings.sketchWidth)", "--seed", "\(settings.seed)",
-            "--payload-dtype", payloadDtype.rawValue, "--summary-file", scratch.appendingPathComponent("coordinator.json").path,
+            "--payload-dtype", payloadDtype.argumentName, "--summary-file", scratch.appendingPathComponent("coordinator.json").path,
             "--secret-file", secretFile,
         ] + childLogArguments(quiet: progressBar != nil)
         coordinatorArguments += [
