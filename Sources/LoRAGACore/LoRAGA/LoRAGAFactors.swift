@@ -63,17 +63,17 @@ public enum FactorConvention: String, Sendable, CaseIterable, Codable {
 
 // Flags and settings files spell these as their raw values.
 extension LoRAGADirection: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
+    public init?(_ text: String) { self.init(rawValue: text) }
     public var description: String { rawValue }
 }
 
 extension LoRAMethod: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
+    public init?(_ text: String) { self.init(rawValue: text) }
     public var description: String { rawValue }
 }
 
 extension FactorConvention: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
+    public init?(_ text: String) { self.init(rawValue: text) }
     public var description: String { rawValue }
 }
 
