@@ -17,8 +17,8 @@ extension TensorDType: ExpressibleByArgument {
         guard let dtype = TensorDType(argument), dtype.isWritableFromFloat else { return nil }
         self = dtype
     }
-    public var defaultValueDescription: String { argumentName }
-    public static var allValueStrings: [String] { writableCases.map(\.argumentName) }
+    public static var allValueStrings: [String] { writableCases.map(\.safetensorsName) }
+    public static var allValueDescriptions: [String: String] { [:] }
 }
 
 /// The LoRA-GA and randomized-SVD options shared by every command that computes factors.
