@@ -135,7 +135,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LoRAGAWorkerTests",
-            dependencies: ["LoRAGAWorker", "LoRAGADaemon", "LoRAGAWire", "LoRAGAFormats", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["LoRAGAWorker", "LoRAGADaemon", "LoRAGAWire", "LoRAGAFormats", "LoRAGACore", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
             name: "LoRAGASystemTests",

@@ -34,9 +34,9 @@ public struct JobStateMachine: Sendable {
         /// Layers open at once (memory grows with it; 2 overlaps one layer's finalize with the next one's transfer).
         public var window: Int
         /// The dtype every shard must travel in.
-        public var payloadDType: WireDType
+        public var payloadDType: TensorDType
 
-        public init(expectedWorkers: Int, mode: SVDMode, window: Int = 2, payloadDType: WireDType = .f32) {
+        public init(expectedWorkers: Int, mode: SVDMode, window: Int = 2, payloadDType: TensorDType = .f32) {
             self.expectedWorkers = expectedWorkers
             self.mode = mode
             self.window = Swift.max(1, window)

@@ -16,8 +16,8 @@ extension ResolvedSettings {
     /// A tensor dtype setting (`adapter-dtype`, `payload-dtype`): f32, bf16 or f16.
     public func dtype(_ name: String) throws -> TensorDType {
         guard let (text, source) = text(name) else { throw JobError(.usage, LayeredSettings.missing(name)) }
-        guard let dtype = TensorDType(rawValue: text.uppercased()), [.f32, .bf16, .f16].contains(dtype) else {
-            throw JobError(.usage, "\(source): '\(text)' is not a valid \(name) (expected one of f32, bf16, f16)")
+        guard let dtype = TensorDType(text), dtype.isWritableFromFloat else {
+            throw JobError(.usage, "\(source): '\(text)' is not a valid \(name) (expected one of \(TensorDType.writableCases.map(\.argumentName).joined(separator: ", ")))")
         }
         return dtype
     }

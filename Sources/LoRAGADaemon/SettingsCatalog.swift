@@ -44,12 +44,12 @@ public enum SettingsCatalog {
     /// A job's output directory and adapter: `lora-ga init`, `lora-ga local` and lora-ga-coord.
     public static let out = Setting("out", .path, short: "o", help: "Output directory (required); a run on the same directory resumes after its last finished layer.")
     public static let restart = Setting("restart", .flag, default: "false", help: "Discard an existing job in OUT instead of resuming it.")
-    public static let adapterDType = Setting("adapter-dtype", .choice(["f32", "bf16", "f16"]), default: "f32", help: "dtype of the adapter tensors.")
+    public static let adapterDType = Setting("adapter-dtype", .choice(TensorDType.writableCases.map(\.argumentName)), default: "f32", help: "dtype of the adapter tensors.")
 
     /// The distributed job: `lora-ga local` and lora-ga-coord.
     public static let workers = Setting("workers", .int, help: "Number of workers in the job (required by lora-ga-coord; lora-ga local starts 2 when not told).")
     public static let window = Setting("window", .int, default: "2", help: "Layers open at once.")
-    public static let payloadDType = Setting("payload-dtype", .choice(["f32", "bf16", "f16"]), default: "f32", help: "dtype shards travel in.")
+    public static let payloadDType = Setting("payload-dtype", .choice(TensorDType.writableCases.map(\.argumentName)), default: "f32", help: "dtype shards travel in.")
     public static let compress = Setting("compress", .flag, default: "false", help: "zstd-compress byte-shuffled shards (helps on slow networks only).")
 
     /// Gradient files: `lora-ga init` and `lora-ga local`.

@@ -10,10 +10,10 @@ public struct GradientLayer: Sendable, Hashable, Codable {
     public var name: String
     public var rows: Int
     public var cols: Int
-    /// Stored dtype name (F32, BF16, F16, F64).
-    public var dtype: String
+    /// The dtype the files store it in.
+    public var dtype: TensorDType
 
-    public init(name: String, rows: Int, cols: Int, dtype: String) {
+    public init(name: String, rows: Int, cols: Int, dtype: TensorDType) {
         self.name = name
         self.rows = rows
         self.cols = cols
@@ -75,7 +75,7 @@ public final class GradientFileSet {
             throw GradientSetError("--target '\(target ?? "")' is not a valid regular expression: \(error.localizedDescription)")
         }
         func wanted(_ info: TensorInfo) -> Bool {
-            guard info.shape.count == 2, info.dtype.isReadableAsFloat else { return false }
+            guard info.shape.count == 2 else { return false }
             guard let pattern else { return true }
             return pattern.firstMatch(in: info.name, range: NSRange(info.name.startIndex..., in: info.name)) != nil
         }
@@ -93,14 +93,14 @@ public final class GradientFileSet {
                     ?? LayerRegion(wholeOf: rows, cols)
                 let contribution = GradientContribution(file: file, tensor: info.name, region: region, isWholeLayer: block == nil)
                 guard var entry = found[info.name] else {
-                    found[info.name] = (GradientLayer(name: info.name, rows: rows, cols: cols, dtype: info.dtype.rawValue), contribution, [contribution])
+                    found[info.name] = (GradientLayer(name: info.name, rows: rows, cols: cols, dtype: info.dtype), contribution, [contribution])
                     continue
                 }
                 guard entry.layer.rows == rows, entry.layer.cols == cols else {
                     let shape = hasBlocks ? "full shape" : "shape"
                     throw GradientSetError("layer '\(info.name)' has \(shape) [\(entry.layer.rows), \(entry.layer.cols)] in \(entry.first.description) but [\(rows), \(cols)] in \(contribution.description)")
                 }
-                guard entry.layer.dtype == info.dtype.rawValue else {
+                guard entry.layer.dtype == info.dtype else {
                     throw GradientSetError("layer '\(info.name)' is \(entry.layer.dtype) in \(entry.first.file.path) but \(info.dtype) in \(file.path)")
                 }
                 entry.contributions.append(contribution)
@@ -320,7 +320,7 @@ public struct SummedRowBlocks: RowBlockSource, LayerBlockSource {
 
     /// Bytes read from the files to fill `stripe`.
     static func bytes(of stripe: LayerRegion, contributions: [GradientContribution], layer: GradientLayer) -> Int {
-        let size = TensorDType(rawValue: layer.dtype)?.byteSize ?? 4
+        let size = layer.dtype.byteSize
         return contributions.reduce(0) { total, contribution in
             let region = contribution.region
             guard region.cols.overlaps(stripe.cols) else { return total }

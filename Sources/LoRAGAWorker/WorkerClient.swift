@@ -292,7 +292,7 @@ public struct WorkerClient: Sendable {
     /// Streams one layer as shards, reading the next shard while the current one is written.
     private func sendLayer(_ begin: LayerBegin, layer: GradientLayer, spec: JobSpec, gradients: GradientReader, pool: NIOThreadPool,
                            outbound: NIOAsyncChannelOutboundWriter<WireMessage>) async throws -> Int {
-        let dtype = TensorDType(rawValue: spec.payloadDType.description) ?? .f32
+        let dtype = spec.payloadDType
         let compress = spec.compression == .zstdShuffled
         let fromFile = spec.mode == .dense && gradients.sendsRowsFromFile(of: layer, as: dtype, compress: compress)
         let rowsPerShard = Self.rowsPerShard(rows: layer.rows, cols: layer.cols, payloadBytes: dtype.byteSize, spec: spec,

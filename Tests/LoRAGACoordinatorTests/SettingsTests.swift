@@ -38,6 +38,20 @@ import LoRAGADaemon
         #expect(throws: JobError.self) { _ = try LayeredSettings(configFile: "/nonexistent/config.json", environment: [:]) }
     }
 
+    @Test func dtypesAndTheModeParseIntoTheSharedEnumsInEitherCase() throws {
+        let layers = try LayeredSettings(configFile: nil, environment: ["LORA_GA_PAYLOAD_DTYPE": "BF16", "LORA_GA_MODE": "Sketch"])
+        let settings = try CoordinatorSettings(flags: ["workers": "2", "out": "/o", "adapter-dtype": "f16"], layers: layers)
+        #expect(settings.options.payloadDType == .bf16)
+        #expect(settings.options.adapterDType == .f16)
+        #expect(settings.options.settings.mode == .sketch)
+        for bad in ["f64", "I64", "float"] {
+            let error = #expect(throws: JobError.self) {
+                _ = try CoordinatorSettings(flags: ["workers": "2", "out": "/o", "payload-dtype": bad], layers: try LayeredSettings(configFile: nil, environment: [:]))
+            }
+            #expect(error?.message.contains("payload-dtype") == true, "\(error?.message ?? "")")
+        }
+    }
+
     @Test func addressesParse() throws {
         #expect(try LayeredSettings.hostAndPort("[::1]:7070", setting: "listen") == ("::1", 7070))
         #expect(throws: JobError.self) { _ = try LayeredSettings.hostAndPort("localhost", setting: "listen") }

@@ -1,3 +1,4 @@
+import LoRAGACore
 import LoRAGADaemon
 import LoRAGAFormats
 import LoRAGAWire
@@ -11,7 +12,7 @@ import Testing
     typealias Action = WorkerStateMachine.Action
     /// The one place the tests build a layer (its stored dtype plays no part here).
     static func layer(_ name: String, rows: Int, cols: Int) -> GradientLayer {
-        GradientLayer(name: name, rows: rows, cols: cols, dtype: "F32")
+        GradientLayer(name: name, rows: rows, cols: cols, dtype: .f32)
     }
     let layers = [layer("a.weight", rows: 8, cols: 4), layer("b.weight", rows: 6, cols: 6)]
     let t0 = ContinuousClock.now
@@ -22,13 +23,13 @@ import Testing
                            layers: layers)
     }
 
-    func spec(_ mode: WireJobMode) -> JobSpec {
+    func spec(_ mode: SVDMode) -> JobSpec {
         JobSpec(jobID: "job", mode: mode, rank: 4, sketchWidth: 16, seed: 1, powerIterations: 2, rowsPerShard: 0,
                 payloadDType: .f32, compression: .uncompressed)
     }
 
     /// A machine that has connected, greeted and joined a `mode` job.
-    func serving(_ mode: WireJobMode) -> WorkerStateMachine {
+    func serving(_ mode: SVDMode) -> WorkerStateMachine {
         var machine = machine()
         _ = machine.start(now: t0)
         _ = machine.connected()
@@ -179,7 +180,7 @@ import Testing
     // MARK: - Serving
 
     @Test func denseAndSketchStreamEachBegunLayerThenReleaseIt() {
-        for mode in [WireJobMode.dense, .sketch] {
+        for mode in [SVDMode.dense, .sketch] {
             var machine = serving(mode)
             let begin = LayerBegin(layerIndex: 1, name: "b.weight", attempt: 2)
             #expect(machine.received(.layerBegin(begin)) == [.streamLayer(begin, layers[1], spec(mode)), .releaseLayer(layers[1])])

@@ -1,9 +1,10 @@
+import LoRAGACore
 import NIOCore
 
 /// Type 6, worker → coordinator: rows `[rowStart, rowStart + rowCount)` of one
 /// layer's gradient, row-major, `cols` wide.
 ///
-/// `uncompressedBytes` is always `rowCount × cols × dtype.byteWidth`; without
+/// `uncompressedBytes` is always `rowCount × cols × dtype.byteSize`; without
 /// compression `payload` holds exactly that many bytes. With compression the
 /// receiver checks `rowCount` and `cols` against the job before it allocates
 /// `uncompressedBytes` for decompression. `checksum` is XXH3-64 (``ShardChecksum``) of
@@ -21,7 +22,7 @@ public struct Shard: WireMessageBody {
     public var rowStart: UInt64
     public var rowCount: UInt32
     public var cols: UInt64
-    public var dtype: WireDType
+    public var dtype: TensorDType
     public var compression: WireCompression
     public var uncompressedBytes: UInt64
     /// ``ShardChecksum`` of `payload` as sent, computed by the sender.
@@ -37,7 +38,7 @@ public struct Shard: WireMessageBody {
         rowStart: UInt64,
         rowCount: UInt32,
         cols: UInt64,
-        dtype: WireDType,
+        dtype: TensorDType,
         compression: WireCompression,
         uncompressedBytes: UInt64,
         payload: ByteBuffer,
@@ -58,7 +59,7 @@ public struct Shard: WireMessageBody {
 
     /// An uncompressed shard; `uncompressedBytes` is the payload's size, and `checksum`
     /// is computed from `payload` unless given.
-    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payload: ByteBuffer,
+    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: TensorDType, payload: ByteBuffer,
                 checksum: UInt64? = nil, attempt: UInt32 = 0) {
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype,
@@ -68,7 +69,7 @@ public struct Shard: WireMessageBody {
 
     /// An uncompressed shard sent straight from a file: `payloadFile` holds its rows as the
     /// file stores them (in the wire's dtype and byte order), and `checksum` is their hash.
-    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payloadFile: FileRegion,
+    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: TensorDType, payloadFile: FileRegion,
                 checksum: UInt64, attempt: UInt32 = 0) {
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype, compression: .uncompressed,
@@ -134,7 +135,7 @@ public struct Shard: WireMessageBody {
         buffer.writeLittleEndian(rowStart)
         buffer.writeLittleEndian(rowCount)
         buffer.writeLittleEndian(cols)
-        buffer.writeLittleEndian(dtype.rawValue)
+        buffer.writeLittleEndian(dtype.wireCode)
         buffer.writeLittleEndian(compression.rawValue)
         buffer.writeLittleEndian(uncompressedBytes)
         buffer.writeLittleEndian(checksum)
@@ -155,7 +156,7 @@ public struct Shard: WireMessageBody {
         let rowStart = try reader.integer("rowStart", as: UInt64.self)
         let rowCount = try reader.integer("rowCount", as: UInt32.self)
         let cols = try reader.integer("cols", as: UInt64.self)
-        let dtype = try reader.enumeration("dtype", as: WireDType.self)
+        let dtype = try reader.enumeration("dtype", as: TensorDType.self)
         let compression = try reader.enumeration("compression", as: WireCompression.self)
         let uncompressedBytes = try reader.integer("uncompressedBytes", as: UInt64.self)
         let checksum = try reader.integer("checksum", as: UInt64.self)
