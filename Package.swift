@@ -35,7 +35,7 @@ let package = Package(
         ),
         .systemLibrary(name: "CMalloc"),
         .systemLibrary(name: "CPrefetch"),
-        .target(name: "LoRAGACore", dependencies: ["COpenBLAS", "CMalloc", "CPrefetch"]),
+        .target(name: "LoRAGACore", dependencies: ["COpenBLAS", "CPrefetch"]),
         .target(name: "LoRAGAFormats", dependencies: ["LoRAGACore", "CZstd"]),
         .target(
             name: "LoRAGAWire",
@@ -48,7 +48,7 @@ let package = Package(
         .target(
             name: "LoRAGADaemon",
             dependencies: [
-                "LoRAGACore", "LoRAGAFormats", "LoRAGAWire",
+                "LoRAGACore", "LoRAGAFormats", "LoRAGAWire", "COpenBLAS", "CMalloc",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -113,7 +113,7 @@ let package = Package(
         .executableTarget(
             name: "lora-ga-bench",
             dependencies: [
-                "LoRAGACore", "COpenBLAS",
+                "LoRAGACore", "LoRAGADaemon", "COpenBLAS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Sources/LoraGABench"
@@ -132,6 +132,10 @@ let package = Package(
         .testTarget(
             name: "LoRAGACoordinatorTests",
             dependencies: ["LoRAGACoordinator", "LoRAGADaemon", "LoRAGAWire", "LoRAGAFormats", "LoRAGACore"]
+        ),
+        .testTarget(
+            name: "LoRAGAWorkerTests",
+            dependencies: ["LoRAGAWorker", "LoRAGADaemon", "LoRAGAWire", "LoRAGAFormats", "LoRAGACore", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
             name: "LoRAGASystemTests",

@@ -144,7 +144,7 @@ public final class CheckpointStore {
         let checkpoint = CheckpointFile(
             layer: layer.moduleName, outFeatures: layer.rows, inFeatures: layer.cols, rank: lora.rank,
             direction: lora.direction.rawValue, scale: lora.scale.description, seed: manifest.settings.seed,
-            mode: report.mode.rawValue, singularValues: report.singularValues, fidelity: report.fidelityEstimate,
+            mode: report.mode, singularValues: report.singularValues, fidelity: report.fidelityEstimate,
             loraA: factors.a.storage, loraB: factors.b.storage)
         try checkpoint.write(to: path)
         manifest.finished[layer.name] = .init(file: file, crc32c: CheckpointStore.contentChecksum(of: path), report: report)

@@ -43,7 +43,7 @@ extension CoordinatorEngine {
         incoming[connection] = .some(started)
         let bytes: ByteBuffer
         do {
-            let dtypeBytes = TensorDType(wire: shard.dtype).byteSize
+            let dtypeBytes = shard.dtype.byteSize
             let shuffled = try shard.payload.withUnsafeReadableBytes { try codec.decompress($0, expectedSize: Int(shard.uncompressedBytes)) }
             bytes = ByteBuffer(bytes: shuffled.withUnsafeBytes { ByteShuffle.unshuffle($0, elementSize: dtypeBytes) })
         } catch {
@@ -126,7 +126,7 @@ extension CoordinatorEngine {
             refuse(connection, error)
             return nil
         }
-        let dtype = TensorDType(wire: shard.dtype)
+        let dtype = shard.dtype
         if work[index]?.firstShard == nil {
             work[index]?.firstShard = .now
             if receivingSince == nil { receivingSince = .now }
@@ -196,17 +196,4 @@ extension CoordinatorEngine {
             return body(UnsafeRawBufferPointer(values))
         }
     }
-}
-
-// The wire names dtypes and modes exactly as Formats and Core spell them.
-extension TensorDType {
-    init(wire: WireDType) { self = TensorDType(rawValue: wire.description)! }
-}
-
-extension WireDType {
-    init(_ dtype: TensorDType) { self = WireDType.allCases.first { $0.description == dtype.rawValue } ?? .f32 }
-}
-
-extension WireJobMode {
-    init(_ mode: SVDMode) { self = WireJobMode.allCases.first { $0.description == mode.rawValue }! }
 }

@@ -88,7 +88,7 @@ public actor CoordinatorEngine {
         self.computeLoop = computeLoop
         self.logger = logger
         let configuration = JobStateMachine.Configuration(
-            expectedWorkers: options.expectedWorkers, mode: options.settings.mode, window: options.window, payloadDType: WireDType(options.payloadDType),
+            expectedWorkers: options.expectedWorkers, mode: options.settings.mode, window: options.window, payloadDType: options.payloadDType,
             allowUncovered: options.allowUncovered)
         // A job already in the output directory is resumed: its manifest fixes the layers.
         if !options.restart, let manifest = CheckpointStore.existingManifest(in: options.outputDirectory) {
@@ -184,7 +184,7 @@ public actor CoordinatorEngine {
             connections[connection]?.challenge = nil
             perform(machine.helloReceived(on: connection, hello))
         case .announce(let announce):
-            let layers = announce.layers.map { GradientLayer(name: $0.name, rows: Int($0.rows), cols: Int($0.cols), dtype: TensorDType(wire: $0.sourceDType).rawValue) }
+            let layers = announce.layers.map { GradientLayer(name: $0.name, rows: Int($0.rows), cols: Int($0.cols), dtype: $0.sourceDType) }
             let regions = Dictionary(announce.layers.map { ($0.name, $0.regions) }, uniquingKeysWith: { first, _ in first })
             perform(machine.announced(on: connection, layers: layers, regions: regions))
             if let worker = machine.worker(on: connection), machine.isActive(connection) {
@@ -372,9 +372,9 @@ public actor CoordinatorEngine {
         let settings = options.settings
         let width = settings.mode == .sketch ? settings.sketchWidth : 2 * settings.lora.rank + settings.oversampling
         return JobSpec(
-            jobID: options.outputDirectory, mode: WireJobMode(settings.mode), rank: UInt32(settings.lora.rank),
+            jobID: options.outputDirectory, mode: settings.mode, rank: UInt32(settings.lora.rank),
             sketchWidth: UInt32(width), seed: settings.seed, powerIterations: UInt32(settings.passes), rowsPerShard: 0,
-            payloadDType: WireDType(options.payloadDType), compression: options.compressShards ? .zstdShuffled : .uncompressed,
+            payloadDType: options.payloadDType, compression: options.compressShards ? .zstdShuffled : .uncompressed,
             skipLayers: machine.finishedLayerNames)
     }
 

@@ -4,26 +4,6 @@ import NIOSSL
 import LoRAGAFormats
 import LoRAGAWire
 
-extension SVDMode: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
-extension LoRAGADirection: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
-extension LoRAMethod: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
-extension FactorConvention: LosslessStringConvertible {
-    public init?(_ description: String) { self.init(rawValue: description) }
-    public var description: String { rawValue }
-}
-
 /// The coordinator's settings resolved from flags, environment and config file, as
 /// declared in ``SettingsCatalog/coordinator``.
 public struct CoordinatorSettings: Sendable {
@@ -46,30 +26,14 @@ public struct CoordinatorSettings: Sendable {
     public init(_ settings: ResolvedSettings) throws {
         precondition(settings.schema.command == SettingsCatalog.coordinator.command, "not the coordinator's settings")
         let (host, port) = try LayeredSettings.hostAndPort(try settings.required("listen"), setting: "listen")
-        let rank: Int = try settings.required("rank")
-        let method: LoRAMethod = try settings.required("method")
-        let gamma: Double = try settings.value("gamma") ?? method.defaultGamma
-        let scale: LoRAGAScale
-        switch try settings.required("scale", as: String.self) {
-        case "unit": scale = .unit
-        case "gd": scale = .gd
-        default: scale = .stable(gamma: gamma)
-        }
-        let lora = LoRAConfiguration(
-            rank: rank, alpha: try settings.value("alpha") ?? Double(2 * rank), useRSLoRA: try settings.flag("rslora"),
-            direction: try settings.required("direction"), scale: scale, method: method,
-            convention: try settings.required("convention"), microBatches: try settings.required("micro-batches"),
-            fanInFanOut: try settings.flag("fan-in-fan-out"))
-        let job = JobSettings(
-            lora: lora, mode: try settings.required("mode"),
-            oversampling: try settings.value("oversampling"), passes: try settings.value("passes"), sketchWidth: try settings.value("sketch-width"),
-            seed: try settings.required("seed"))
+        // lora-ga-coord reads no gradient files, so it cannot take the count from their metadata.
+        let job = try settings.jobSettings(microBatches: try settings.value("micro-batches") ?? 1)
         let workers: Int = try settings.required("workers")
         let out: String = try settings.required("out")
         var options = CoordinatorOptions(settings: job, expectedWorkers: workers, outputDirectory: out)
         options.window = try settings.required("window")
-        options.payloadDType = try CoordinatorSettings.dtype(try settings.required("payload-dtype"), key: "payload-dtype")
-        options.adapterDType = try CoordinatorSettings.dtype(try settings.required("adapter-dtype"), key: "adapter-dtype")
+        options.payloadDType = try settings.dtype("payload-dtype")
+        options.adapterDType = try settings.dtype("adapter-dtype")
         options.compressShards = try settings.flag("compress")
         options.gatherTimeout = .seconds(try settings.required("gather-timeout", as: Double.self))
         options.rejoinTimeout = .seconds(try settings.required("rejoin-timeout", as: Double.self))
@@ -82,7 +46,7 @@ public struct CoordinatorSettings: Sendable {
         } else if !(try settings.flag("insecure")) && !CoordinatorSettings.isLoopback(host) {
             throw JobError(.usage, "refusing to listen on \(host) without a shared secret: anyone who can reach it could add gradients. Give --secret-file (or LORA_GA_SECRET_FILE), or --insecure on a network you trust")
         }
-        let problems = job.validationErrors() + (workers < 1 ? ["workers must be at least 1"] : []) + (options.window < 1 ? ["window must be at least 1"] : [])
+        let problems = (workers < 1 ? ["--workers must be at least 1"] : []) + (options.window < 1 ? ["--window must be at least 1"] : [])
         guard problems.isEmpty else { throw JobError(.usage, problems.joined(separator: "; ")) }
         let certificate: String? = try settings.value("tls-cert"), key: String? = try settings.value("tls-key")
         let clientCA: String? = try settings.value("tls-client-ca")
@@ -102,14 +66,5 @@ public struct CoordinatorSettings: Sendable {
     /// 127.0.0.0/8, ::1 and localhost: reachable from this machine only.
     public static func isLoopback(_ host: String) -> Bool {
         host == "localhost" || host == "::1" || host.hasPrefix("127.")
-    }
-
-    static func dtype(_ name: String, key: String) throws -> TensorDType {
-        switch name.lowercased() {
-        case "f32": return .f32
-        case "bf16": return .bf16
-        case "f16": return .f16
-        default: throw JobError(.usage, "\(key) '\(name)' is not one of f32, bf16, f16")
-        }
     }
 }

@@ -34,12 +34,12 @@ public struct JobStateMachine: Sendable {
         /// Layers open at once (memory grows with it; 2 overlaps one layer's finalize with the next one's transfer).
         public var window: Int
         /// The dtype every shard must travel in.
-        public var payloadDType: WireDType
+        public var payloadDType: TensorDType
         /// Entries of a layer that no worker's blocks cover count as zeros, rather than failing
         /// the job (`--allow-uncovered`).
         public var allowUncovered: Bool
 
-        public init(expectedWorkers: Int, mode: SVDMode, window: Int = 2, payloadDType: WireDType = .f32, allowUncovered: Bool = false) {
+        public init(expectedWorkers: Int, mode: SVDMode, window: Int = 2, payloadDType: TensorDType = .f32, allowUncovered: Bool = false) {
             self.expectedWorkers = expectedWorkers
             self.mode = mode
             self.window = Swift.max(1, window)

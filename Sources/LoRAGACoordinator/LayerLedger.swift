@@ -103,7 +103,7 @@ struct LayerLedger: Sendable, Equatable {
     }
 
     /// Checks a shard's header against the ledger before any of its rows is used.
-    func check(shard: Shard, from worker: String, payloadDType: WireDType) -> ShardCheck {
+    func check(shard: Shard, from worker: String, payloadDType: TensorDType) -> ShardCheck {
         guard shard.attempt == attempt else {
             return shard.attempt < attempt ? .ignore : .violation(.badData, "shard for attempt \(shard.attempt) of layer \(index), current is \(attempt)")
         }

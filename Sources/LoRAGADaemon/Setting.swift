@@ -79,12 +79,25 @@ public struct Setting: Sendable, Hashable {
 
 /// The settings of one executable, and everything derived from them.
 public struct SettingsSchema: Sendable {
+    /// What bare (non-option) arguments are, for a command that takes them (`lora-ga init
+    /// PATH…`); they are given on the command line only.
+    public struct Operands: Sendable, Hashable {
+        public let name: String
+        public let help: String
+        public init(_ name: String, help: String) {
+            self.name = name
+            self.help = help
+        }
+    }
+
     public let command: String
     public let settings: [Setting]
+    public let operands: Operands?
 
-    public init(command: String, settings: [Setting]) {
+    public init(command: String, settings: [Setting], operands: Operands? = nil) {
         self.command = command
         self.settings = settings
+        self.operands = operands
         precondition(Set(settings.map(\.name)).count == settings.count, "\(command): a setting is declared twice")
     }
 
@@ -95,11 +108,22 @@ public struct SettingsSchema: Sendable {
     /// into values keyed by setting name (repeatable settings keep every value). Unknown
     /// options are usage errors naming the closest valid one.
     public func parse(arguments: [String]) throws -> [String: [String]] {
+        try parseWithOperands(arguments: arguments).values
+    }
+
+    /// Like ``parse(arguments:)``, keeping bare arguments (and all after `--`) as operands
+    /// when the schema declares them.
+    public func parseWithOperands(arguments: [String]) throws -> (values: [String: [String]], operands: [String]) {
         var values: [String: [String]] = [:]
+        var operands: [String] = []
         var index = 0
         while index < arguments.count {
             let argument = arguments[index]
             index += 1
+            if self.operands != nil, argument == "--" {
+                operands += arguments[index...]
+                break
+            }
             let setting: Setting
             var inline: String?
             if argument.hasPrefix("--") {
@@ -114,6 +138,9 @@ public struct SettingsSchema: Sendable {
                 setting = found
             } else if argument.hasPrefix("-"), argument.count == 2, let found = settings.first(where: { $0.short == argument.last }) {
                 setting = found
+            } else if self.operands != nil, argument == "-" || !argument.hasPrefix("-") {
+                operands.append(argument)
+                continue
             } else {
                 throw JobError(.usage, "\(command): unexpected argument '\(argument)' (every setting is an option: see --help)")
             }
@@ -133,7 +160,7 @@ public struct SettingsSchema: Sendable {
         for (name, given) in values where given.count > 1 && setting(name)!.kind != .paths {
             throw JobError(.usage, "\(command): --\(name) given \(given.count) times")
         }
-        return values
+        return (values, operands)
     }
 
     /// Fails on a config file key or a `LORA_GA_*` variable that is no setting: a typo there
@@ -187,15 +214,23 @@ public struct SettingsSchema: Sendable {
 
     /// The SETTINGS section of `--help`, one entry per declaration.
     public func helpText() -> String {
-        var lines = ["SETTINGS (flag, then LORA_GA_<NAME> environment variable, then --config file key; flags win over the environment, which wins over the file)"]
-        for setting in settings {
-            let flag = (setting.short.map { "-\($0), " } ?? "") + "--\(setting.name)" + (setting.valueName.isEmpty ? "" : " \(setting.valueName)")
-            lines.append("  \(flag)")
-            var detail = setting.help
-            if let value = setting.defaultValue { detail += " (default \(value))" }
-            lines.append("        \(detail)")
-            lines.append("        env \(setting.environmentName), config \"\(setting.configKey)\"\(setting.kind == .paths ? " (comma-separated)" : "")")
+        var lines: [String] = []
+        if let operands {
+            lines += ["ARGUMENTS", "  <\(operands.name)> ...", "        \(operands.help)", ""]
         }
+        lines += ["SETTINGS (flag, then LORA_GA_<NAME> environment variable, then --config file key; flags win over the environment, which wins over the file)"]
+        for setting in settings { lines += setting.helpLines }
         return lines.joined(separator: "\n")
+    }
+}
+
+extension Setting {
+    /// This setting's entry in `--help`: the same in every executable that declares it.
+    public var helpLines: [String] {
+        let flag = (short.map { "-\($0), " } ?? "") + "--\(name)" + (valueName.isEmpty ? "" : " \(valueName)")
+        var detail = help
+        if let defaultValue { detail += " (default \(defaultValue))" }
+        return ["  \(flag)", "        \(detail)",
+                "        env \(environmentName), config \"\(configKey)\"\(kind == .paths ? " (comma-separated)" : "")"]
     }
 }

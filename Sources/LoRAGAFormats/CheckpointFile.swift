@@ -1,4 +1,5 @@
 import Foundation
+import LoRAGACore
 
 /// One finished layer's LoRA-GA factors, as stored in a per-layer checkpoint.
 ///
@@ -45,8 +46,8 @@ public struct CheckpointFile: Sendable, Equatable {
     public var scale: String
     /// Seed of the random test matrices, so a run can be reproduced.
     public var seed: UInt64
-    /// Aggregation mode that produced the factors (`dense`, `sketch`, `power`).
-    public var mode: String
+    /// Aggregation mode that produced the factors (stored as `dense`, `sketch`, `power`).
+    public var mode: SVDMode
     /// Leading singular values of the summed gradient, largest first.
     public var singularValues: [Double]
     /// Estimated fidelity ratio (LoRA-GA's objective, optimum 1.0), when it was computed.
@@ -58,7 +59,7 @@ public struct CheckpointFile: Sendable, Equatable {
 
     public init(
         layer: String, outFeatures: Int, inFeatures: Int, rank: Int,
-        direction: String, scale: String, seed: UInt64, mode: String,
+        direction: String, scale: String, seed: UInt64, mode: SVDMode,
         singularValues: [Double], fidelity: Double?, loraA: [Float], loraB: [Float]
     ) {
         self.layer = layer
@@ -109,7 +110,7 @@ public struct CheckpointFile: Sendable, Equatable {
         }
 
         let header = Header(
-            layer: layer, out: outFeatures, in: inFeatures, rank: rank, dtype: "F32",
+            layer: layer, out: outFeatures, in: inFeatures, rank: rank, dtype: .f32,
             direction: direction, scale: scale, seed: seed, mode: mode,
             singularValues: singularValues, fidelity: fidelity,
             payloadBytes: payloadBytes, compressedBytes: compressed.count,
@@ -199,7 +200,7 @@ public struct CheckpointFile: Sendable, Equatable {
             throw fail("header declares \(header.compressedBytes) compressed bytes but the file holds \(storedPayloadLength)")
         }
 
-        guard header.dtype == "F32" else { throw fail("factor dtype '\(header.dtype)' is not supported (expected F32)") }
+        guard header.dtype == .f32 else { throw fail("factor dtype '\(header.dtype)' is not supported (expected F32)") }
         let (countA, countB) = try factorCounts(out: header.out, in: header.in, rank: header.rank, fail: fail)
         guard header.payloadBytes == (countA + countB) * 4 else {
             throw fail("header declares \(header.payloadBytes) payload bytes, but [\(header.rank), \(header.in)] + [\(header.out), \(header.rank)] F32 factors need \((countA + countB) * 4)")
@@ -234,11 +235,11 @@ public struct CheckpointFile: Sendable, Equatable {
         var out: Int
         var `in`: Int
         var rank: Int
-        var dtype: String
+        var dtype: TensorDType
         var direction: String
         var scale: String
         var seed: UInt64
-        var mode: String
+        var mode: SVDMode
         var singularValues: [Double]
         var fidelity: Double?
         var payloadBytes: Int

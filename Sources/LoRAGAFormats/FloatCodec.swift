@@ -1,10 +1,12 @@
+import LoRAGACore
+
 /// Public face of the float conversions, for code that moves gradients in stored
 /// dtypes outside safetensors files (the wire: shards travel in F32, BF16 or F16).
 public enum FloatCodec {
     /// Stored little-endian `dtype` values → Float (exact for F32/BF16/F16), or added onto `destination`.
     public static func decode(_ source: UnsafeRawBufferPointer, as dtype: TensorDType, into destination: UnsafeMutableBufferPointer<Float>, accumulate: Bool = false) {
         let count = source.count / dtype.byteSize
-        precondition(count <= destination.count && dtype.isReadableAsFloat, "cannot decode \(source.count) bytes of \(dtype) into \(destination.count) floats")
+        precondition(count <= destination.count, "cannot decode \(source.count) bytes of \(dtype) into \(destination.count) floats")
         guard count > 0 else { return }
         FloatConversion.decode(source.baseAddress!, as: dtype, count: count, into: destination.baseAddress!, accumulate: accumulate)
     }

@@ -1,3 +1,5 @@
+import LoRAGACore
+
 /// Element conversions between the stored dtypes and `Float`, as tight loops
 /// over raw buffers (no per-element calls, no bounds checks) that -O vectorizes.
 ///
@@ -8,7 +10,6 @@ enum FloatConversion {
     /// `destination` or, with `accumulate`, adding them to what is there.
     ///
     /// F32, BF16 and F16 widen exactly; F64 rounds to nearest even.
-    /// - Precondition: `dtype.isReadableAsFloat`.
     static func decode(
         _ source: UnsafeRawPointer, as dtype: TensorDType, count: Int,
         into destination: UnsafeMutablePointer<Float>, accumulate: Bool
@@ -23,8 +24,6 @@ enum FloatConversion {
             apply(source, UInt16.self, count, destination, accumulate) { widenHalf(UInt16(littleEndian: $0)) }
         case .f64:
             apply(source, UInt64.self, count, destination, accumulate) { Float(Double(bitPattern: UInt64(littleEndian: $0))) }
-        default:
-            preconditionFailure("dtype \(dtype) is not readable as Float")
         }
     }
 
@@ -45,7 +44,7 @@ enum FloatConversion {
             // Float16(_:) rounds to nearest even and keeps NaN; writing is not a hot path.
             let out = destination.bindMemory(to: UInt16.self, capacity: count)
             for i in 0..<count { out[i] = Float16(source[i]).bitPattern.littleEndian }
-        default:
+        case .f64:
             preconditionFailure("dtype \(dtype) is not writable from Float")
         }
     }

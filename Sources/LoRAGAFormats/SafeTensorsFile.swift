@@ -201,9 +201,6 @@ public final class SafeTensorsFile {
 
     private func readableTensor(_ name: String) throws(SafeTensorsError) -> TensorInfo {
         guard let info = tensor(named: name) else { throw fail("no tensor named '\(name)'") }
-        guard info.dtype.isReadableAsFloat else {
-            throw fail("tensor '\(name)' has dtype \(info.dtype), which cannot be read as Float")
-        }
         return info
     }
 

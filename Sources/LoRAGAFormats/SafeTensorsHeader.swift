@@ -1,4 +1,5 @@
 import Foundation
+import LoRAGACore
 
 /// The validated JSON header of a safetensors file.
 ///
@@ -13,9 +14,18 @@ struct SafeTensorsHeader {
     /// Key reserved for the string→string metadata map.
     static let metadataKey = "__metadata__"
 
-    /// Tensor entries, sorted by name.
+    /// Tensor entries of the dtypes lora-ga reads (``TensorDType``), sorted by name.
     let tensors: [TensorInfo]
+    /// Tensors of the other safetensors dtypes (an `I64` step counter saved beside the
+    /// gradients), name → dtype: validated like the rest, never read, never a layer.
+    let otherTensors: [String: String]
     let metadata: [String: String]
+
+    /// Bytes per element of the safetensors dtypes that lora-ga does not read. They are known
+    /// only so that a file holding such a tensor opens and its offsets are checked.
+    static let otherDTypeSizes: [String: Int] = [
+        "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    ]
 
     /// Parses and validates `json` (the header bytes, space padding allowed)
     /// for a data section of `dataSectionSize` bytes.
@@ -51,18 +61,24 @@ struct SafeTensorsHeader {
 
         // Sorted so that the first error reported does not depend on hashing.
         var tensors: [TensorInfo] = []
+        var otherTensors: [String: String] = [:]
+        var spans: [(name: String, offsets: Range<Int>)] = []
         for name in object.keys.sorted() where name != Self.metadataKey {
-            tensors.append(try Self.tensor(named: name, entry: object[name]!, dataSectionSize: dataSectionSize, fail: fail))
+            let entry = try Self.tensor(named: name, entry: object[name]!, dataSectionSize: dataSectionSize, fail: fail)
+            spans.append((name, entry.offsets))
+            if let info = entry.info { tensors.append(info) } else { otherTensors[name] = entry.dtypeName }
         }
-        try Self.checkNoOverlap(tensors, fail: fail)
+        try Self.checkNoOverlap(spans, fail: fail)
         self.tensors = tensors
+        self.otherTensors = otherTensors
         self.metadata = metadata
     }
 
-    /// Validates one tensor entry: dtype, shape, offsets and their agreement.
+    /// Validates one tensor entry: dtype, shape, offsets and their agreement. `info` is nil
+    /// for a dtype lora-ga does not read.
     private static func tensor(
         named name: String, entry: Any, dataSectionSize: Int, fail: (String) -> SafeTensorsError
-    ) throws(SafeTensorsError) -> TensorInfo {
+    ) throws(SafeTensorsError) -> (info: TensorInfo?, dtypeName: String, offsets: Range<Int>) {
         guard let fields = entry as? [String: Any] else {
             throw fail("tensor '\(name)' is not a JSON object")
         }
@@ -71,7 +87,8 @@ struct SafeTensorsHeader {
         guard let dtypeName = rawDType as? String else {
             throw fail("tensor '\(name)' has dtype \(describe(rawDType)), which is not a string")
         }
-        guard let dtype = TensorDType(rawValue: dtypeName) else {
+        let dtype = TensorDType(rawValue: dtypeName)
+        guard let elementSize = dtype?.byteSize ?? otherDTypeSizes[dtypeName] else {
             throw fail("tensor '\(name)' has unknown dtype '\(dtypeName)'")
         }
 
@@ -106,26 +123,26 @@ struct SafeTensorsHeader {
         for dimension in shape where !overflow {
             (elements, overflow) = elements.multipliedReportingOverflow(by: dimension)
         }
-        let (bytes, bytesOverflow) = elements.multipliedReportingOverflow(by: dtype.byteSize)
+        let (bytes, bytesOverflow) = elements.multipliedReportingOverflow(by: elementSize)
         guard !overflow, !bytesOverflow else {
             throw fail("tensor '\(name)' has shape \(shape) whose size in bytes overflows")
         }
         guard bytes == end - begin else {
-            throw fail("tensor '\(name)' has shape \(shape) (\(elements) elements of \(dtype) = \(bytes) bytes) but data_offsets span \(end - begin) bytes")
+            throw fail("tensor '\(name)' has shape \(shape) (\(elements) elements of \(dtypeName) = \(bytes) bytes) but data_offsets span \(end - begin) bytes")
         }
-        return TensorInfo(name: name, dtype: dtype, shape: shape, dataOffsets: begin..<end)
+        return (dtype.map { TensorInfo(name: name, dtype: $0, shape: shape, dataOffsets: begin..<end) }, dtypeName, begin..<end)
     }
 
     /// Rejects two non-empty tensors sharing a byte: reads of one must never see the other.
-    private static func checkNoOverlap(_ tensors: [TensorInfo], fail: (String) -> SafeTensorsError) throws(SafeTensorsError) {
-        let byOffset = tensors.filter { !$0.dataOffsets.isEmpty }.sorted { $0.dataOffsets.lowerBound < $1.dataOffsets.lowerBound }
-        for (previous, next) in zip(byOffset, byOffset.dropFirst()) where next.dataOffsets.lowerBound < previous.dataOffsets.upperBound {
-            throw fail("tensors '\(previous.name)' \(span(previous)) and '\(next.name)' \(span(next)) overlap")
+    private static func checkNoOverlap(_ tensors: [(name: String, offsets: Range<Int>)], fail: (String) -> SafeTensorsError) throws(SafeTensorsError) {
+        let byOffset = tensors.filter { !$0.offsets.isEmpty }.sorted { $0.offsets.lowerBound < $1.offsets.lowerBound }
+        for (previous, next) in zip(byOffset, byOffset.dropFirst()) where next.offsets.lowerBound < previous.offsets.upperBound {
+            throw fail("tensors '\(previous.name)' \(span(previous.offsets)) and '\(next.name)' \(span(next.offsets)) overlap")
         }
     }
 
-    private static func span(_ tensor: TensorInfo) -> String {
-        "[\(tensor.dataOffsets.lowerBound), \(tensor.dataOffsets.upperBound))"
+    private static func span(_ offsets: Range<Int>) -> String {
+        "[\(offsets.lowerBound), \(offsets.upperBound))"
     }
 
     /// A JSON integer in `0...Int.max`; booleans and numbers written with a

@@ -1,4 +1,5 @@
 import Foundation
+import LoRAGACore
 
 /// Writes a safetensors file from `Float` data, streaming row blocks so a large
 /// tensor never has to be held whole.

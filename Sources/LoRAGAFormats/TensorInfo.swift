@@ -1,3 +1,5 @@
+import LoRAGACore
+
 /// One tensor entry of a safetensors header, after validation.
 public struct TensorInfo: Sendable, Hashable {
     /// Key in the header, e.g. `encoder.layer.0.attention.self.query.weight`.

@@ -33,6 +33,15 @@ struct PayloadReader {
         return value
     }
 
+    /// One byte naming a case of a LoRAGACore vocabulary enum.
+    mutating func enumeration<E: WireCoded>(_ field: StaticString, as: E.Type = E.self) throws(WireError) -> E {
+        let code = try integer(field, as: UInt8.self)
+        guard let value = E(wireCode: code) else {
+            throw malformed("\(field) has unknown value \(code)")
+        }
+        return value
+    }
+
     /// `u16` byte count + UTF-8; the bound is checked before the bytes are read.
     mutating func string(_ field: StaticString, maxBytes: Int) throws(WireError) -> String {
         let count = Int(try integer(field, as: UInt16.self))

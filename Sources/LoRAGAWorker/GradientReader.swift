@@ -73,7 +73,7 @@ final class GradientReader: @unchecked Sendable {
     var announcement: [LayerInfo] {
         files.layers.map { layer in
             LayerInfo(name: layer.name, rows: UInt64(layer.rows), cols: UInt64(layer.cols),
-                      sourceDType: WireDType.allCases.first { $0.description == layer.dtype } ?? .f32,
+                      sourceDType: layer.dtype,
                       regions: files.hasBlocks ? coverage(of: layer).regions : [])
         }
     }
@@ -226,7 +226,7 @@ final class GradientReader: @unchecked Sendable {
     /// payload, nothing to sum, place or convert, and mapped they are Floats (a page-aligned
     /// mapping keeps the offset's alignment).
     private func storesRowsAsSent(_ layer: GradientLayer) -> Bool {
-        guard files.files.count == 1, layer.dtype == TensorDType.f32.rawValue,
+        guard files.files.count == 1, layer.dtype == .f32,
               let file = files.soleWholeFile(of: layer), let offset = try? file.storedOffset(of: layer.name) else { return false }
         return offset % MemoryLayout<Float>.alignment == 0
     }

@@ -60,32 +60,14 @@ public struct WorkerSummary: Sendable {
     public var inputBytes: Int
 }
 
-/// Why a worker stopped without the job finishing.
-public struct WorkerError: ClassifiedError, CustomStringConvertible {
-    public let message: String
-    /// The coordinator refused this worker (bad id, shapes, secret…): retrying cannot help.
-    public let isFinal: Bool
-    /// Which kind of failure (and so which exit status) this is, decided where it is raised.
-    public var kind: JobError.Kind = .other
-    public var description: String { message }
-}
-
-extension WireErrorCode {
-    /// The kind of failure a worker refused with this code has.
-    var failureKind: JobError.Kind {
-        switch self {
-        case .badAuth: .authentication
-        case .shapeMismatch, .layerMismatch, .badData: .badInput
-        case .duplicateWorker, .badVersion: .usage
-        case .internal, .jobFailed: .other
-        }
-    }
-}
-
 /// A worker: reads its gradient files and serves the coordinator's requests — stream a
 /// layer's row blocks (dense, sketch) or multiply its gradient by a matrix (power) — until
-/// the job is done. Reconnects with backoff when the connection drops; everything it sends
-/// for a layer counts only after its commit, so resending is always safe.
+/// the job is done. Everything it sends for a layer counts only after its commit, so
+/// resending is always safe.
+///
+/// The executor of ``WorkerStateMachine``, which decides when to connect, retry or give up and
+/// what each message calls for: this type owns the sockets, the files, the thread pool and the
+/// clock, feeds the machine events and carries out its actions.
 public struct WorkerClient: Sendable {
     /// Largest shard in sketch mode, where shards are sized for the coordinator's products.
     static let sketchShardBytes = 16 << 20
@@ -115,47 +97,39 @@ public struct WorkerClient: Sendable {
         pool.start()
         defer { pool.shutdownGracefully { _ in } }
         var summary = WorkerSummary(layersSent: 0, powerReplies: 0, bytesSent: 0, connections: 0, adapterPath: "", inputBytes: gradients.inputBytes)
-        let sessionNonce = UInt64.random(in: 0...UInt64.max)
-        var deadline = ContinuousClock.now + options.connectTimeout
-        var delay = Duration.milliseconds(100)
-        while true {
-            // A termination signal cancels this task: stop, never retry.
-            try Task.checkCancellation()
-            let channel: NIOAsyncChannel<WireMessage, WireMessage>
-            do {
-                channel = try await connect()
-            } catch {
-                if DaemonTLS.isTLSError(error) { throw tlsFailure(error) }
-                guard ContinuousClock.now < deadline else {
-                    // Resumable: the coordinator may come back (a restart resumes the job).
-                    throw WorkerError(message: "could not reach the coordinator at \(options.host):\(options.port) within \(options.connectTimeout): \(error)",
-                                      isFinal: true, kind: .interrupted)
+        let configuration = WorkerStateMachine.Configuration(workerID: options.id, coordinator: "\(options.host):\(options.port)",
+                                                             connectTimeout: options.connectTimeout, sessionNonce: UInt64.random(in: 0...UInt64.max))
+        var machine = WorkerStateMachine(configuration: configuration, layers: gradients.files.layers)
+        let clock = ContinuousClock()
+        var pending = machine.start(now: clock.now)
+        // Between connections: every batch the machine returns here ends in one of these actions.
+        while !pending.isEmpty {
+            switch pending.removeFirst() {
+            case .connect:
+                pending = await connectAndServe(&machine, clock: clock, gradients: gradients, pool: pool, summary: &summary)
+            case .retry(let delay, let reason):
+                logger.info("\(reason); retrying in \(delay)")
+                do {
+                    try await Task.sleep(for: delay)
+                    pending = await connectAndServe(&machine, clock: clock, gradients: gradients, pool: pool, summary: &summary)
+                } catch {
+                    pending = machine.cancelled()
                 }
-                logger.info("coordinator at \(options.host):\(options.port) not reachable (\(error)); retrying in \(delay)")
-                try await Task.sleep(for: delay)
-                delay = min(delay * 2, .seconds(5))
-                continue
-            }
-            summary.connections += 1
-            if summary.connections > 1 { options.metrics.reconnected() }
-            delay = .milliseconds(100)
-            do {
-                if let path = try await serve(channel, gradients: gradients, pool: pool, sessionNonce: sessionNonce, summary: &summary) {
-                    summary.adapterPath = path
-                    return summary
-                }
-                logger.warning("connection to the coordinator lost; reconnecting")
-            } catch let error as WorkerError where error.isFinal {
+            case .reconnect(let reason):
+                logger.warning("\(reason); reconnecting")
+                pending = await connectAndServe(&machine, clock: clock, gradients: gradients, pool: pool, summary: &summary)
+            case .finish(let done):
+                summary.adapterPath = done.adapterPath
+                return summary
+            case .fail(let error):
                 throw error
-            } catch where Task.isCancelled {
+            case .stop:
                 throw CancellationError()
-            } catch let error where DaemonTLS.isTLSError(error) {
-                throw tlsFailure(error)
-            } catch {
-                logger.warning("connection to the coordinator failed (\(error)); reconnecting")
+            case .sendHello, .sendAnnounce, .streamLayer, .answerPower, .releaseLayer, .sendError, .closeConnection:
+                assertionFailure("a connection's action outside a connection")
             }
-            deadline = ContinuousClock.now + options.connectTimeout
         }
+        throw WorkerError(message: "the worker stopped without a decision", isFinal: true)
     }
 
     /// Tells the coordinator (after a normal handshake) why this worker cannot take part, so
@@ -184,13 +158,6 @@ public struct WorkerClient: Sendable {
         timeout.cancel()
     }
 
-    /// A TLS handshake that failed: a plaintext coordinator, or a certificate the CA did not
-    /// sign. Retrying cannot help; the configuration must change.
-    private func tlsFailure(_ error: Error) -> WorkerError {
-        WorkerError(message: "TLS with the coordinator at \(options.host):\(options.port) failed (\(error)): does it serve TLS (--tls-cert/--tls-key), signed by the CA in --tls-ca? A coordinator without --tls-cert speaks plaintext: then drop --tls-ca",
-                    isFinal: true, kind: .usage)
-    }
-
     private func connect() async throws -> NIOAsyncChannel<WireMessage, WireMessage> {
         let maxFrameLength = options.maxFrameLength
         let tls = options.tls
@@ -216,88 +183,97 @@ public struct WorkerClient: Sendable {
         (try? SocketAddress(ipAddress: host, port: 0)) != nil
     }
 
-    /// One connection's conversation. Returns the adapter path when the job is done, nil if
-    /// the connection ended early (reconnect), throws a final `WorkerError` when refused.
-    private func serve(_ channel: NIOAsyncChannel<WireMessage, WireMessage>, gradients: GradientReader, pool: NIOThreadPool,
-                       sessionNonce: UInt64, summary: inout WorkerSummary) async throws -> String? {
+    /// One connection: opens it, feeds the machine each message and carries out its actions.
+    /// Returns the actions that follow the connection's end (reconnect, finish, fail, stop).
+    private func connectAndServe(_ machine: inout WorkerStateMachine, clock: ContinuousClock, gradients: GradientReader, pool: NIOThreadPool,
+                                 summary: inout WorkerSummary) async -> [WorkerStateMachine.Action] {
+        // A termination signal cancels this task: stop, never retry.
+        if Task.isCancelled { return machine.cancelled() }
+        let channel: NIOAsyncChannel<WireMessage, WireMessage>
+        do {
+            channel = try await connect()
+        } catch {
+            return machine.connectFailed(.init("\(error)", isTLS: DaemonTLS.isTLSError(error)), now: clock.now)
+        }
+        summary.connections += 1
+        if summary.connections > 1 { options.metrics.reconnected() }
+        let initial = machine.connected()
+        do {
+            if let next = try await serve(channel, machine: &machine, initial: initial, gradients: gradients, pool: pool, summary: &summary) {
+                return next
+            }
+            return machine.connectionClosed(now: clock.now)
+        } catch where Task.isCancelled {
+            return machine.cancelled()
+        } catch {
+            return machine.connectionClosed(now: clock.now, failure: .init("\(error)", isTLS: DaemonTLS.isTLSError(error)))
+        }
+    }
+
+    /// The conversation on one open connection. Returns nil when the connection ended (either
+    /// side closed it), else the actions that end the worker (finish, fail).
+    private func serve(_ channel: NIOAsyncChannel<WireMessage, WireMessage>, machine: inout WorkerStateMachine, initial: [WorkerStateMachine.Action],
+                       gradients: GradientReader, pool: NIOThreadPool, summary: inout WorkerSummary) async throws -> [WorkerStateMachine.Action]? {
         try await channel.executeThenClose { inbound, outbound in
             var messages = inbound.makeAsyncIterator()
-            let challenge: Challenge
-            switch try await messages.next() {
-            case .challenge(let received): challenge = received
-            case nil: return nil   // closed before greeting us (a coordinator going down): try again
-            case .error(let error)?:
-                // Refused before the handshake (e.g. a TLS coordinator answering a plaintext worker).
-                throw WorkerError(message: "the coordinator at \(options.host):\(options.port) refused the connection: \(error.message)", isFinal: true, kind: error.code.failureKind)
-            case let other?:
-                throw WorkerError(message: "the peer at \(options.host):\(options.port) is not a lora-ga coordinator (it opened with \(other.type))", isFinal: true)
-            }
-            let proof = options.secret?.proof(challenge: challenge.nonce, workerID: options.id, sessionNonce: sessionNonce) ?? .zero
-            try await outbound.write(.hello(Hello(protocolVersion: WireProtocol.version, workerID: options.id, sessionNonce: sessionNonce, authProof: proof)))
-            let spec: JobSpec
-            switch try await messages.next() {
-            case .jobSpec(let received): spec = received
-            case .error(let error): throw WorkerError(message: "the coordinator refused worker '\(options.id)': \(error.message)", isFinal: true, kind: error.code.failureKind)
-            case nil: return nil
-            case let other?: throw WorkerError(message: "expected JobSpec, got \(other.type)", isFinal: true)
-            }
-            logger.info("joined job: mode \(spec.mode), rank \(spec.rank), \(spec.skipLayers.count) layers already finished")
-            try await outbound.write(.announce(Announce(layers: gradients.announcement)))
-            // The coordinator names each layer in LayerBegin; power requests refer to it by index.
-            var layerByIndex: [UInt32: GradientLayer] = [:]
-            do {
-                return try await serveRequests(&messages, outbound: outbound, spec: spec, gradients: gradients, pool: pool, layers: &layerByIndex, summary: &summary)
-            } catch let error where error is GradientError || error is SafeTensorsError {
-                // Bad data in this worker's files: no correct adapter can come of the job. Say so, and stop.
-                let message = "worker '\(options.id)': \(error)"
-                try? await outbound.write(.error(ErrorMessage(code: .badData, message: message)))
-                throw WorkerError(message: message, isFinal: true, kind: .badInput)
+            var pending = initial
+            while true {
+                while !pending.isEmpty {
+                    let action = pending.removeFirst()
+                    do {
+                        switch try await perform(action, outbound: outbound, gradients: gradients, pool: pool, summary: &summary) {
+                        case .continue: break
+                        case .closed: return nil
+                        case .ended: return [action]
+                        }
+                    } catch let error where error is GradientError || error is SafeTensorsError {
+                        // Bad data in this worker's files: the machine says so to the coordinator, and stops.
+                        pending = machine.filesFailed("worker '\(options.id)': \(error)")
+                    }
+                }
+                guard let message = try await messages.next() else { return nil }
+                pending = machine.received(message)
             }
         }
     }
 
-    private func serveRequests(
-        _ messages: inout NIOAsyncChannelInboundStream<WireMessage>.AsyncIterator, outbound: NIOAsyncChannelOutboundWriter<WireMessage>,
-        spec: JobSpec, gradients: GradientReader, pool: NIOThreadPool, layers layerByIndex: inout [UInt32: GradientLayer], summary: inout WorkerSummary
-    ) async throws -> String? {
-        while let message = try await messages.next() {
-            switch message {
-            case .layerBegin(let begin):
-                guard let layer = gradients.files.layers.first(where: { $0.name == begin.name }) else {
-                    throw WorkerError(message: "the coordinator asked for layer '\(begin.name)', which this worker's files do not hold", isFinal: true)
-                }
-                layerByIndex[begin.layerIndex] = layer
-                if spec.mode != .power {
-                    let bytes = try await sendLayer(begin, layer: layer, spec: spec, gradients: gradients, pool: pool, outbound: outbound)
-                    summary.bytesSent += bytes
-                    options.metrics.sent(bytes: bytes, rows: layer.rows)
-                    summary.layersSent += 1
-                    gradients.release(layer)   // streamed once; a restarted layer gets a new reader
-                }
-            case .powerRequest(let request):
-                guard let layer = layerByIndex[request.layerIndex] else {
-                    throw WorkerError(message: "power request for layer \(request.layerIndex) before its LayerBegin", isFinal: true)
-                }
-                let reply = try await pool.runIfActive { try gradients.answer(request, layer: layer) }
-                try await outbound.write(.powerReply(reply))
-                summary.bytesSent += reply.payload.readableBytes
-                summary.powerReplies += 1
-                options.metrics.sent(bytes: reply.payload.readableBytes, rows: layer.rows)
-            case .layerDone(let done):
-                if let layer = layerByIndex.removeValue(forKey: done.layerIndex) { gradients.release(layer) }
-            case .jobDone(let done):
-                logger.info("job done: adapter at \(done.adapterPath) (\(done.layers) layers)")
-                outbound.finish()
-                return done.adapterPath
-            case .error(let error):
-                throw WorkerError(message: "coordinator: \(error.message)", isFinal: error.code != .badData, kind: error.code.failureKind)
-            case .goodbye:
-                return nil
-            case .challenge, .jobSpec, .hello, .announce, .shard, .layerCommit, .powerReply:
-                throw WorkerError(message: "unexpected \(message.type) from the coordinator", isFinal: true)
-            }
+    /// What a performed action means for its connection.
+    private enum Outcome { case `continue`, closed, ended }
+
+    private func perform(_ action: WorkerStateMachine.Action, outbound: NIOAsyncChannelOutboundWriter<WireMessage>, gradients: GradientReader,
+                         pool: NIOThreadPool, summary: inout WorkerSummary) async throws -> Outcome {
+        switch action {
+        case .sendHello(let challenge, let sessionNonce):
+            let proof = options.secret?.proof(challenge: challenge.nonce, workerID: options.id, sessionNonce: sessionNonce) ?? .zero
+            try await outbound.write(.hello(Hello(protocolVersion: WireProtocol.version, workerID: options.id, sessionNonce: sessionNonce, authProof: proof)))
+        case .sendAnnounce(let spec):
+            logger.info("joined job: mode \(spec.mode), rank \(spec.rank), \(spec.skipLayers.count) layers already finished")
+            try await outbound.write(.announce(Announce(layers: gradients.announcement)))
+        case .streamLayer(let begin, let layer, let spec):
+            let bytes = try await sendLayer(begin, layer: layer, spec: spec, gradients: gradients, pool: pool, outbound: outbound)
+            summary.bytesSent += bytes
+            options.metrics.sent(bytes: bytes, rows: layer.rows)
+            summary.layersSent += 1
+        case .answerPower(let request, let layer):
+            let reply = try await pool.runIfActive { try gradients.answer(request, layer: layer) }
+            try await outbound.write(.powerReply(reply))
+            summary.bytesSent += reply.payload.readableBytes
+            summary.powerReplies += 1
+            options.metrics.sent(bytes: reply.payload.readableBytes, rows: layer.rows)
+        case .releaseLayer(let layer):
+            gradients.release(layer)
+        case .sendError(let error):
+            try? await outbound.write(.error(error))
+        case .closeConnection:
+            return .closed
+        case .finish(let done):
+            logger.info("job done: adapter at \(done.adapterPath) (\(done.layers) layers)")
+            outbound.finish()
+            return .ended
+        case .fail, .stop, .connect, .retry, .reconnect:
+            return .ended
         }
-        return nil
+        return .continue
     }
 
     /// Rows per shard: `shardBytes` of payload, except in sketch mode, where the coordinator
@@ -330,7 +306,7 @@ public struct WorkerClient: Sendable {
     /// ``rowsPerShard(rows:cols:payloadBytes:spec:shardBytes:)`` on the part's width.
     private func sendLayer(_ begin: LayerBegin, layer: GradientLayer, spec: JobSpec, gradients: GradientReader, pool: NIOThreadPool,
                            outbound: NIOAsyncChannelOutboundWriter<WireMessage>) async throws -> Int {
-        let dtype = TensorDType(rawValue: spec.payloadDType.description) ?? .f32
+        let dtype = spec.payloadDType
         let compress = spec.compression == .zstdShuffled
         let fromFile = spec.mode == .dense && gradients.sendsRowsFromFile(of: layer, as: dtype, compress: compress)
         let shardBytes = fromFile ? Swift.min(options.fileShardBytes, options.maxFrameLength / 2) : options.shardBytes

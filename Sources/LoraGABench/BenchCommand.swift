@@ -2,6 +2,7 @@ import ArgumentParser
 import COpenBLAS
 import Foundation
 import LoRAGACore
+import LoRAGADaemon
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LoRAGACore
 import LoRAGACoordinator
 import LoRAGAFormats
 import LoRAGADaemon
@@ -59,14 +60,14 @@ struct ExportCommand: ParsableCommand, LoggingCommand {
     var out: String
 
     @Option(help: "dtype of the adapter tensors: f32, bf16 or f16.")
-    var dtype: AdapterDType = .f32
+    var dtype: TensorDType = .f32
 
     @OptionGroup var logging: LogOptions
 
     func run() throws {
         let inspection = try CheckpointInspection(directory: directory)
         let lock = try OutputLock(directory: out, purpose: "lora-ga export")
-        let count = try inspection.export(to: out, dtype: dtype.tensorDType)
+        let count = try inspection.export(to: out, dtype: dtype)
         withExtendedLifetime(lock) {}
         log("exported \(count) of \(inspection.layers.count) layers to \(out)")
     }

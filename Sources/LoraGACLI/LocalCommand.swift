@@ -5,46 +5,30 @@ import LoRAGAFormats
 import LoRAGACoordinator
 import LoRAGADaemon
 
-struct LocalCommand: ParsableCommand, LoggingCommand {
+struct LocalCommand: CatalogCommand {
+    static let schema = SettingsCatalog.localCommand
     static let configuration = CommandConfiguration(
         commandName: "local",
         abstract: "Run the distributed job on this machine: one lora-ga-coord and N lora-ga-worker processes over loopback TCP.",
-        discussion: """
+        usage: usage,
+        discussion: discussion("""
             The gradient files under PATH… are dealt out round-robin to the workers (give N \
             directories for N workers to keep each worker's files together). The coordinator \
             writes the adapter and checkpoints to OUT; at the end a table shows every process's \
-            peak memory and traffic.
+            peak memory and traffic. The coordinator and workers receive these settings as \
+            their own (the same declarations), through their LORA_GA_* environment.
 
             Example: lora-ga local --workers 2 --rank 8 --out adapter/ grads/worker0 grads/worker1
-            """)
+            """))
 
-    @OptionGroup var lora: LoRAOptions
+    /// Every setting is declared in ``SettingsCatalog/localCommand``; it parses them.
+    @Argument(parsing: .allUnrecognized, help: .hidden) var arguments: [String] = []
 
-    @Option(help: "Number of worker processes.")
-    var workers: Int = 2
-
-    @Option(name: .shortAndLong, help: "Output directory.")
-    var out: String
-
-    @Option(help: "dtype shards travel in: f32, bf16 or f16.")
-    var payloadDtype: AdapterDType = .f32
-
-    @Flag(help: "Discard an existing job in OUT instead of resuming it.")
-    var restart = false
-
-    @Flag(help: "Count entries of a layer that no gradient file covers (blocks leaving a hole) as zeros instead of refusing the layer.")
-    var allowUncovered = false
-
-    @Argument(help: "Gradient files or directories.")
-    var paths: [String]
-
-    func validate() throws {
-        guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
-    }
-
-    @OptionGroup var logging: LogOptions
-
-    func run() throws {
+    func run(_ resolved: ResolvedSettings) throws {
+        let workers: Int = try resolved.value("workers") ?? 2
+        guard workers >= 1 else { throw JobError(.usage, "--workers must be at least 1") }
+        let out: String = try resolved.required("out")
+        let paths = try resolved.gradientPaths()
         let directory = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
         let coordinatorPath = directory.appendingPathComponent("lora-ga-coord").path
         let workerPath = directory.appendingPathComponent("lora-ga-worker").path
@@ -54,9 +38,9 @@ struct LocalCommand: ParsableCommand, LoggingCommand {
         let files = try GradientFileSet.expand(paths)
         // Each worker holds its share and cannot see the others' blocks: check the whole set's
         // shapes, blocks and coverage here, before any process starts (headers only).
-        _ = try GradientFileSet(paths: paths, uncovered: allowUncovered ? .zero : .refused)
+        let fileSet = try GradientFileSet(paths: paths, uncovered: try resolved.flag("allow-uncovered") ? .zero : .refused)
         // On a terminal the daemons only warn, and this draws their progress from the job's manifest.
-        let progressBar = logging.logFormat == "text" ? ProgressBar.forTerminal(total: 0) : nil
+        let progressBar = resolved.logsAsText ? ProgressBar.forTerminal(total: 0) : nil
         guard files.count >= workers else {
             throw ValidationError("\(workers) workers need at least \(workers) gradient files; found \(files.count) under \(paths.joined(separator: " "))")
         }
@@ -75,27 +59,18 @@ struct LocalCommand: ParsableCommand, LoggingCommand {
         guard FileManager.default.createFile(atPath: secretFile, contents: Data(secret.utf8), attributes: [.posixPermissions: 0o600]) else {
             throw ValidationError("cannot write \(secretFile)")
         }
-        let metadataFiles = lora.convention == .peft && lora.microBatches == nil ? try GradientFileSet(paths: paths).files : []
-        let settings = lora.settings(microBatches: try lora.resolvedMicroBatches(files: metadataFiles))
-        var coordinatorArguments = [
-            "--listen", "127.0.0.1:0", "--port-file", portFile, "--workers", "\(workers)", "--out", out,
-            "--rank", "\(settings.lora.rank)", "--alpha", "\(settings.lora.alpha)", "--direction", settings.lora.direction.rawValue,
-            "--scale", settings.lora.scale.name, "--mode", settings.mode.rawValue, "--oversampling", "\(settings.oversampling)",
-            "--passes", "\(settings.passes)", "--sketch-width", "\(settings.sketchWidth)", "--seed", "\(settings.seed)",
-            "--payload-dtype", payloadDtype.rawValue, "--summary-file", scratch.appendingPathComponent("coordinator.json").path,
-            "--secret-file", secretFile,
-        ] + childLogArguments(quiet: progressBar != nil)
-        coordinatorArguments += [
-            "--gamma", "\(settings.lora.gamma)", "--method", settings.lora.method.rawValue,
-            "--convention", settings.lora.convention.rawValue, "--micro-batches", "\(settings.lora.microBatches)",
-        ]
-        if settings.lora.fanInFanOut { coordinatorArguments.append("--fan-in-fan-out") }
-        if settings.lora.useRSLoRA { coordinatorArguments.append("--rslora") }
-        if restart { coordinatorArguments.append("--restart") }
-        if allowUncovered { coordinatorArguments.append("--allow-uncovered") }
+        // The daemons get every setting given here as the same setting, plus the job's wiring.
+        let settings = try resolved.jobSettings(readingMicroBatchesFrom: { fileSet.files })
+        let quiet = progressBar != nil ? ["log-level": ["warning"]] : [:]
+        let coordinatorSettings = try resolved.passed(to: SettingsCatalog.coordinator, overriding: [
+            "listen": ["127.0.0.1:0"], "port-file": [portFile], "workers": ["\(workers)"], "secret-file": [secretFile],
+            "micro-batches": ["\(settings.lora.microBatches)"],
+            "summary-file": [scratch.appendingPathComponent("coordinator.json").path],
+        ].merging(quiet) { $1 })
+        _ = try CoordinatorSettings(coordinatorSettings)   // refused here rather than by the child
 
         log("lora-ga local: 1 coordinator + \(workers) workers on loopback, \(files.count) gradient files, mode \(settings.mode.rawValue), rank \(settings.lora.rank) → \(out)")
-        let coordinator = try launch(coordinatorPath, coordinatorArguments)
+        let coordinator = try launch(coordinatorPath, coordinatorSettings, from: resolved)
         let deadline = Date().addingTimeInterval(30)
         var port: String?
         while port == nil {
@@ -108,9 +83,11 @@ struct LocalCommand: ParsableCommand, LoggingCommand {
             Thread.sleep(forTimeInterval: 0.005)   // the port file is written atomically
         }
         let workerProcesses = try shares.enumerated().map { index, share in
-            try launch(workerPath, ["--connect", "127.0.0.1:\(port!)", "--id", "worker\(index)", "--secret-file", secretFile,
-                                    "--summary-file", scratch.appendingPathComponent("worker\(index).json").path] + childLogArguments(quiet: progressBar != nil)
-                + share.flatMap { ["--grads", $0] })
+            let workerSettings = try resolved.passed(to: SettingsCatalog.worker, overriding: [
+                "connect": ["127.0.0.1:\(port!)"], "id": ["worker\(index)"], "secret-file": [secretFile], "grads": share,
+                "summary-file": [scratch.appendingPathComponent("worker\(index).json").path],
+            ].merging(quiet) { $1 })
+            return try launch(workerPath, workerSettings, from: resolved)
         }
         if let progressBar {
             CLILog.beforeWrite = { progressBar.clear() }
@@ -142,15 +119,12 @@ struct LocalCommand: ParsableCommand, LoggingCommand {
         log("lora-ga local: adapter in \(out)/\(PEFTAdapter.weightsFileName); check it with: lora-ga verify --adapter \(out) \(paths.joined(separator: " "))")
     }
 
-    /// The daemons log like this command.
-    private func childLogArguments(quiet: Bool) -> [String] {
-        ["--log-level", quiet ? "warning" : logging.logLevel, "--log-format", logging.logFormat]
-    }
-
-    private func launch(_ executable: String, _ arguments: [String]) throws -> Process {
+    /// Starts a daemon that reads `settings` from its environment, and no arguments.
+    private func launch(_ executable: String, _ settings: ResolvedSettings, from resolved: ResolvedSettings) throws -> Process {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
+        process.arguments = []
+        process.environment = try resolved.environment(for: settings, inheriting: ProcessInfo.processInfo.environment)
         try process.run()
         return process
     }

@@ -18,7 +18,9 @@ struct LoraGA: ParsableCommand {
             blocks add where they overlap, and a layer they leave partly uncovered is refused \
             unless --allow-uncovered.
 
-            Every subcommand takes --log-level and --log-format text|json.
+            Every subcommand takes --log-level and --log-format text|json. init and local read \
+            their settings like lora-ga-coord: flags, then LORA_GA_<NAME> environment variables, \
+            then a --config JSON file; a setting they share with it is the same setting.
 
             Typical use:
               lora-ga init --rank 8 --out adapter/ grads/worker0 grads/worker1
@@ -38,7 +40,18 @@ struct LoraGA: ParsableCommand {
             FileHandle.standardError.write(Data((fullMessage(for: error) + "\n").utf8))
             Foundation.exit(JobError.Kind.usage.exitCode)
         }
-        if let logged = command as? LoggingCommand {
+        var settings: ResolvedSettings?
+        if let cataloged = command as? any CatalogCommand {
+            do {
+                settings = try ResolvedSettings(schema: type(of: cataloged).schema, arguments: cataloged.arguments,
+                                                environment: ProcessInfo.processInfo.environment)
+            } catch {
+                let command = type(of: cataloged).schema.command, message = "\(error)"
+                FileHandle.standardError.write(Data(((message.hasPrefix(command) ? "" : command + ": ") + message + "\n").utf8))
+                Foundation.exit(ExitStatus.code(of: error))
+            }
+            CLILog.configure(settings!)
+        } else if let logged = command as? LoggingCommand {
             CLILog.configure(logged.logging)
         }
         // Before any BLAS call and any other thread. Not for the parser's own commands
@@ -47,7 +60,11 @@ struct LoraGA: ParsableCommand {
             log("lora-ga: \(note)")
         }
         do {
-            try command.run()
+            if let settings, let cataloged = command as? any CatalogCommand {
+                try cataloged.run(settings)
+            } else {
+                try command.run()
+            }
         } catch let error as ExitCode {
             exit(withError: error)
         } catch let error as ValidationError {
@@ -68,12 +85,15 @@ protocol LoggingCommand {
     var logging: LogOptions { get }
 }
 
-/// `--log-level` and `--log-format` of every lora-ga subcommand.
+/// `--log-level` and `--log-format` of the subcommands that are not ``CatalogCommand``s, with
+/// the help and default of their declarations in ``SettingsCatalog/logging``.
 struct LogOptions: ParsableArguments {
-    @Option(help: "Least severe message written: trace, debug, info, notice, warning, error, critical.")
-    var logLevel: String = "info"
-    @Option(help: "Messages on stderr as text, or as one JSON object per line (text, json).")
-    var logFormat: String = "text"
+    static func declared(_ name: String) -> Setting { SettingsCatalog.logging.first { $0.name == name }! }
+
+    @Option(help: ArgumentHelp(LogOptions.declared("log-level").help, valueName: "trace|debug|info|notice|warning|error|critical"))
+    var logLevel: String = LogOptions.declared("log-level").defaultValue!
+    @Option(help: ArgumentHelp(LogOptions.declared("log-format").help, valueName: "text|json"))
+    var logFormat: String = LogOptions.declared("log-format").defaultValue!
 
     func validate() throws {
         _ = try DaemonLogging.level(logLevel, source: "--log-level")
@@ -91,6 +111,11 @@ enum CLILog {
     static func configure(_ options: LogOptions) {
         level = (try? DaemonLogging.level(options.logLevel, source: "--log-level")) ?? .info
         format = (try? DaemonLogging.format(options.logFormat, source: "--log-format")) ?? .text
+    }
+
+    static func configure(_ settings: ResolvedSettings) {
+        level = settings.text("log-level").flatMap { try? DaemonLogging.level($0.value, source: $0.source) } ?? .info
+        format = settings.text("log-format").flatMap { try? DaemonLogging.format($0.value, source: $0.source) } ?? .text
     }
 
     static func write(_ line: String, level messageLevel: Logger.Level = .info) {

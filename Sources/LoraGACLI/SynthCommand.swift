@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import LoRAGACore
+import LoRAGADaemon
 import LoRAGAFormats
 
 struct SynthCommand: ParsableCommand, LoggingCommand {
@@ -36,7 +37,7 @@ struct SynthCommand: ParsableCommand, LoggingCommand {
     var plantedRank: Int = 512
 
     @Option(help: "dtype of the files: f32, bf16 or f16.")
-    var dtype: AdapterDType = .f32
+    var dtype: TensorDType = .f32
 
     @Option(help: "Seed.")
     var seed: UInt64 = 1
@@ -68,7 +69,7 @@ struct SynthCommand: ParsableCommand, LoggingCommand {
                 specs.append(.init(name: "synthetic.layer.\(specs.count).\(rows)x\(cols).weight", rows: rows, cols: cols))
             }
         }
-        let generator = SyntheticGradients(layers: specs, workers: workers, plantedRank: plantedRank, decay: decay, dtype: dtype.tensorDType, seed: seed)
+        let generator = SyntheticGradients(layers: specs, workers: workers, plantedRank: plantedRank, decay: decay, dtype: dtype, seed: seed)
         try generator.write(to: out, progress: log)
         log("wrote \(workers) worker file(s) with \(specs.count) layer(s) and \(PlantedSpectrumFile.fileName) to \(out)")
     }

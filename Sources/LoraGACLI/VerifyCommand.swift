@@ -3,37 +3,30 @@ import Foundation
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGACoordinator
+import LoRAGADaemon
 
-struct VerifyCommand: ParsableCommand, LoggingCommand {
+struct VerifyCommand: CatalogCommand {
+    static let schema = SettingsCatalog.verifyCommand
     static let configuration = CommandConfiguration(
         commandName: "verify",
         abstract: "Measure an adapter's LoRA-GA fidelity exactly against the gradient files.",
-        discussion: """
+        usage: usage,
+        discussion: discussion("""
             ratio = ‖P_B G + G P_A − G‖_F / ‖G − G_2r‖_F per layer (optimum 1.0), where G is the \
             exact sum of the files. The optimum uses a planted-spectrum.json found in (or next to) \
             the given paths for synthetic gradients, else a double-precision SVD of the layer. \
             Exits 1 when the worst layer is above --threshold.
-            """)
+            """))
 
-    @Option(help: "Adapter directory (holding adapter_model.safetensors).")
-    var adapter: String
+    /// Every setting is declared in ``SettingsCatalog/verifyCommand``; it parses them.
+    @Argument(parsing: .allUnrecognized, help: .hidden) var arguments: [String] = []
 
-    @Option(help: "Largest acceptable ratio.")
-    var threshold: Double = 1.01
-
-    @Option(help: "Regular expression selecting layers by tensor name.")
-    var target: String?
-
-    @Flag(help: "Count entries of a layer that no gradient file covers (blocks leaving a hole) as zeros instead of refusing the layer.")
-    var allowUncovered = false
-
-    @Argument(help: "The gradient files or directories the adapter was computed from.")
-    var paths: [String]
-
-    @OptionGroup var logging: LogOptions
-
-    func run() throws {
-        let files = try GradientFileSet(paths: paths, target: target, uncovered: allowUncovered ? .zero : .refused)
+    func run(_ resolved: ResolvedSettings) throws {
+        let adapter: String = try resolved.required("adapter")
+        let threshold: Double = try resolved.required("threshold")
+        let paths = try resolved.gradientPaths()
+        let files = try GradientFileSet(paths: paths, target: try resolved.value("target"),
+                                        uncovered: try resolved.flag("allow-uncovered") ? .zero : .refused)
         var spectrumPaths: [String] = []
         for path in paths {
             spectrumPaths.append((path as NSString).appendingPathComponent(PlantedSpectrumFile.fileName))

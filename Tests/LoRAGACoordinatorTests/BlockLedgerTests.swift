@@ -14,8 +14,8 @@ import LoRAGAWire
     typealias Action = JobStateMachine.Action
     /// 8×4 and 6×6.
     let layers = [
-        GradientLayer(name: "a.weight", rows: 8, cols: 4, dtype: "F32"),
-        GradientLayer(name: "b.weight", rows: 6, cols: 6, dtype: "F32"),
+        GradientLayer(name: "a.weight", rows: 8, cols: 4, dtype: .f32),
+        GradientLayer(name: "b.weight", rows: 6, cols: 6, dtype: .f32),
     ]
 
     func hello(_ id: String) -> Hello {

@@ -11,9 +11,9 @@ import LoRAGAWire
 @Suite struct JobStateMachineTests {
     typealias Action = JobStateMachine.Action
     let layers = [
-        GradientLayer(name: "a.weight", rows: 8, cols: 4, dtype: "F32"),
-        GradientLayer(name: "b.weight", rows: 6, cols: 6, dtype: "F32"),
-        GradientLayer(name: "c.weight", rows: 4, cols: 8, dtype: "F32"),
+        GradientLayer(name: "a.weight", rows: 8, cols: 4, dtype: .f32),
+        GradientLayer(name: "b.weight", rows: 6, cols: 6, dtype: .f32),
+        GradientLayer(name: "c.weight", rows: 4, cols: 8, dtype: .f32),
     ]
 
     func hello(_ id: String, version: UInt16 = WireProtocol.version) -> Hello {
@@ -122,7 +122,7 @@ import LoRAGAWire
         _ = machine.announced(on: 1, layers: layers)
         _ = machine.helloReceived(on: 2, hello("bad"))
         var wrong = layers
-        wrong[1] = GradientLayer(name: "b.weight", rows: 6, cols: 7, dtype: "F32")
+        wrong[1] = GradientLayer(name: "b.weight", rows: 6, cols: 7, dtype: .f32)
         let actions = machine.announced(on: 2, layers: wrong)
         let error = failure(actions)
         #expect(error?.kind == .badInput)

@@ -38,6 +38,20 @@ import LoRAGADaemon
         #expect(throws: JobError.self) { _ = try LayeredSettings(configFile: "/nonexistent/config.json", environment: [:]) }
     }
 
+    @Test func dtypesAndTheModeParseIntoTheSharedEnumsInEitherCase() throws {
+        let layers = try LayeredSettings(configFile: nil, environment: ["LORA_GA_PAYLOAD_DTYPE": "BF16", "LORA_GA_MODE": "Sketch"])
+        let settings = try CoordinatorSettings(flags: ["workers": "2", "out": "/o", "adapter-dtype": "f16"], layers: layers)
+        #expect(settings.options.payloadDType == .bf16)
+        #expect(settings.options.adapterDType == .f16)
+        #expect(settings.options.settings.mode == .sketch)
+        for bad in ["f64", "I64", "float"] {
+            let error = #expect(throws: JobError.self) {
+                _ = try CoordinatorSettings(flags: ["workers": "2", "out": "/o", "payload-dtype": bad], layers: try LayeredSettings(configFile: nil, environment: [:]))
+            }
+            #expect(error?.message.contains("payload-dtype") == true, "\(error?.message ?? "")")
+        }
+    }
+
     @Test func addressesParse() throws {
         #expect(try LayeredSettings.hostAndPort("[::1]:7070", setting: "listen") == ("::1", 7070))
         #expect(throws: JobError.self) { _ = try LayeredSettings.hostAndPort("localhost", setting: "listen") }
@@ -121,6 +135,66 @@ import LoRAGADaemon
             #expect(schema.setting("log-level") != nil && schema.setting("log-format") != nil && schema.setting("metrics-listen") != nil)
         }
         #expect(ExitStatus.helpText.contains("75") && ExitStatus.helpText.contains("  4 "))
+    }
+
+    // MARK: - Shared by the lora-ga subcommands and the daemons
+
+    @Test func aSettingSeveralExecutablesHaveIsOneDeclaration() {
+        // The coordinator's and the worker's TLS files are different things under one name;
+        // neither passes settings to the other. `lora-ga local` passes to both.
+        let pairs = [(SettingsCatalog.initCommand, SettingsCatalog.localCommand), (SettingsCatalog.initCommand, SettingsCatalog.coordinator),
+                     (SettingsCatalog.localCommand, SettingsCatalog.coordinator), (SettingsCatalog.localCommand, SettingsCatalog.worker),
+                     (SettingsCatalog.initCommand, SettingsCatalog.verifyCommand), (SettingsCatalog.localCommand, SettingsCatalog.verifyCommand)]
+        for (schema, other) in pairs {
+            for setting in schema.settings {
+                guard let theirs = other.setting(setting.name) else { continue }
+                #expect(theirs == setting, "\(schema.command) and \(other.command) declare --\(setting.name) differently")
+            }
+        }
+        for schema in [SettingsCatalog.initCommand, SettingsCatalog.localCommand, SettingsCatalog.coordinator] {
+            for setting in SettingsCatalog.factors + [SettingsCatalog.out, SettingsCatalog.restart, SettingsCatalog.adapterDType] {
+                #expect(schema.setting(setting.name) == setting, "\(schema.command) lacks --\(setting.name)")
+            }
+        }
+    }
+
+    @Test func subcommandsTakePathsAsOperands() throws {
+        let settings = try ResolvedSettings(schema: SettingsCatalog.initCommand, arguments: ["a", "--rank", "4", "b", "--", "--c"], environment: [:])
+        #expect(settings.operands == ["a", "b", "--c"])
+        #expect(try settings.required("rank", as: Int.self) == 4)
+        // The daemons take none.
+        #expect(throws: JobError.self) { _ = try ResolvedSettings(schema: SettingsCatalog.coordinator, arguments: ["a"], environment: [:]) }
+    }
+
+    @Test func localHandsItsSettingsOnAsTheSameSettings() throws {
+        let local = try ResolvedSettings(schema: SettingsCatalog.localCommand,
+                                         arguments: ["--rank", "4", "--mode", "sketch", "--out", "/o", "--allow-uncovered", "/g"],
+                                         environment: ["LORA_GA_SEED": "9", "LORA_GA_GATHER_TIMEOUT": "30", "LORA_GA_BIN": "/bin"])
+        let passed = try local.passed(to: SettingsCatalog.coordinator, overriding: ["workers": ["3"], "listen": ["127.0.0.1:0"]])
+        let coordinator = try CoordinatorSettings(passed)
+        #expect(coordinator.options.settings.lora.rank == 4 && coordinator.options.settings.mode == .sketch)
+        #expect(coordinator.options.settings.seed == 9 && coordinator.options.expectedWorkers == 3 && coordinator.options.outputDirectory == "/o")
+        #expect(coordinator.options.settings == (try local.jobSettings(microBatches: 1)))
+        // Given values only, as LORA_GA_* variables; the defaults are the child's own (the same declarations).
+        let variables = try passed.environmentVariables()
+        #expect(variables["LORA_GA_RANK"] == "4" && variables["LORA_GA_SEED"] == "9" && variables["LORA_GA_WORKERS"] == "3")
+        #expect(variables["LORA_GA_ALPHA"] == nil && variables["LORA_GA_WINDOW"] == nil)
+        // The child's environment: local's own settings replaced by what it passes; a setting
+        // only the child has, and the scripts' variables, still reach it.
+        let environment = try local.environment(for: passed, inheriting: ["LORA_GA_SEED": "9", "LORA_GA_MODE": "dense", "LORA_GA_GATHER_TIMEOUT": "30",
+                                                                           "LORA_GA_BIN": "/bin", "PATH": "/usr/bin"])
+        #expect(environment["LORA_GA_MODE"] == "sketch" && environment["LORA_GA_GATHER_TIMEOUT"] == "30" && environment["LORA_GA_BIN"] == "/bin")
+        #expect(try ResolvedSettings(schema: SettingsCatalog.coordinator, arguments: [], environment: environment).text("rank")?.value == "4")
+    }
+
+    @Test func badSharedValuesNameTheSetting() throws {
+        let mode = #expect(throws: JobError.self) {
+            _ = try ResolvedSettings(schema: SettingsCatalog.initCommand, arguments: ["--mode", "fast"], environment: [:])
+        }
+        #expect(mode?.kind == .usage && mode?.message.contains("--mode: 'fast' is not a valid mode") == true, "\(mode?.message ?? "")")
+        let rank = try ResolvedSettings(schema: SettingsCatalog.localCommand, arguments: ["--rank", "0"], environment: [:])
+        let invalid = #expect(throws: JobError.self) { _ = try rank.jobSettings(microBatches: 1) }
+        #expect(invalid?.message.contains("--rank must be at least 1") == true, "\(invalid?.message ?? "")")
     }
 
     @Test func editDistanceCountsASwapOnce() {

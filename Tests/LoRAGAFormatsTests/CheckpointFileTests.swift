@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import LoRAGACore
 import LoRAGAFormats
 
 /// Checkpoint round trips and detection of every kind of damage.
@@ -9,7 +10,7 @@ struct CheckpointFileTests {
         let (out, inFeatures, rank) = (12, 10, 3)
         return CheckpointFile(
             layer: "encoder.layer.0.attention.self.query/ü", outFeatures: out, inFeatures: inFeatures, rank: rank,
-            direction: "ArB2r", scale: "stable", seed: seed, mode: "sketch",
+            direction: "ArB2r", scale: "stable", seed: seed, mode: .sketch,
             singularValues: [3.5, 2.25, 1.0 / 3.0, 0.1, 1e-300, 0],
             fidelity: fidelity,
             loraA: random.gaussians(rank * inFeatures), loraB: random.gaussians(out * rank, scale: 1e-3))
@@ -37,6 +38,7 @@ struct CheckpointFileTests {
         let header = try JSONSerialization.jsonObject(with: Data(bytes[14..<(14 + headerLength)])) as! [String: Any]
         #expect(header["layer"] as? String == "encoder.layer.0.attention.self.query/ü")
         #expect(header["dtype"] as? String == "F32")
+        #expect(header["mode"] as? String == "sketch")
         #expect(header["payload_bytes"] as? Int == (3 * 10 + 12 * 3) * 4)
         let compressed = header["compressed_bytes"] as! Int
         #expect(bytes.count == 14 + headerLength + compressed + 4)

@@ -45,6 +45,8 @@ struct SafeTensorsHeaderValidationTests {
         Malformed("missing offsets", header: entry(#""dtype":"F32","shape":[3,4]"#), problem: #"tensor 'x.weight' has no "data_offsets""#),
         Malformed("unknown dtype", header: entry(#""dtype":"F12","shape":[3,4],"data_offsets":[0,48]"#),
                   problem: "tensor 'x.weight' has unknown dtype 'F12'"),
+        Malformed("another dtype's size", header: entry(#""dtype":"I64","shape":[3,2],"data_offsets":[0,40]"#),
+                  problem: "tensor 'x.weight' has shape [3, 2] (6 elements of I64 = 48 bytes) but data_offsets span 40 bytes"),
         Malformed("dtype not a string", header: entry(#""dtype":4,"shape":[3,4],"data_offsets":[0,48]"#),
                   problem: "tensor 'x.weight' has dtype 4, which is not a string"),
         Malformed("shape not an array", header: entry(#""dtype":"F32","shape":12,"data_offsets":[0,48]"#),
@@ -98,8 +100,8 @@ struct SafeTensorsHeaderValidationTests {
     @Test func acceptedOddities() throws {
         let scratch = ScratchDirectory()
         let path = scratch.file("ok.safetensors")
-        // Space padding, an empty tensor sharing an offset, extra fields, and a non-float dtype.
-        let header = #"{"e":{"dtype":"F32","shape":[0,4],"data_offsets":[4,4]},"i":{"dtype":"I64","shape":[1],"data_offsets":[8,16]},"v":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"extra":1}}   "#
+        // Space padding, an empty tensor sharing an offset, extra fields, and an F64 tensor.
+        let header = #"{"e":{"dtype":"F32","shape":[0,4],"data_offsets":[4,4]},"i":{"dtype":"F64","shape":[1],"data_offsets":[8,16]},"v":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"extra":1}}   "#
         writeBytes(handMadeSafeTensors(header: header, data: [UInt8](repeating: 0, count: 16)), to: path)
         let file = try SafeTensorsFile(path: path)
         #expect(file.tensors.map(\.name) == ["e", "i", "v"])

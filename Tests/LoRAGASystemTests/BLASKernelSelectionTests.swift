@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import LoRAGACore
+@testable import LoRAGADaemon
 
 /// The executables run vector kernels wherever the CPU has them, even when OpenBLAS
 /// falls back to generic ones (OpenBLAS 0.3.21 on Sapphire/Emerald Rapids: 4–5× slower GEMMs).

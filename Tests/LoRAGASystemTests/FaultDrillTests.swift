@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import LoRAGACore
 import LoRAGAFormats
 import LoRAGACoordinator
 

@@ -68,7 +68,7 @@ import LoRAGACoordinator
         let dirs = try Self.directories(3, "stream\(scheme)")
         try Self.writePieces(Self.schemes[scheme].1, of: g, name: "x.weight", into: dirs)
         let set = try GradientFileSet(paths: dirs)
-        #expect(set.layers == [GradientLayer(name: "x.weight", rows: 200, cols: 150, dtype: "F32")])
+        #expect(set.layers == [GradientLayer(name: "x.weight", rows: 200, cols: 150, dtype: .f32)])
         #expect(set.coverage(of: set.layers[0]).isComplete)
         let values = try Self.streamed(set)
         let worst = zip(values, g.storage).map { abs($0 - $1) }.max() ?? .infinity

@@ -7,12 +7,12 @@ import LoRAGAWire
 /// coordinator multiplies every shard by wide test matrices and wants row blocks that amortize
 /// packing them (but no shard above 16 MB).
 @Suite struct ShardSizeTests {
-    func spec(_ mode: WireJobMode, sketchWidth: UInt32 = 160) -> JobSpec {
+    func spec(_ mode: SVDMode, sketchWidth: UInt32 = 160) -> JobSpec {
         JobSpec(jobID: "j", mode: mode, rank: 8, sketchWidth: sketchWidth, seed: 1, powerIterations: 5,
                 rowsPerShard: 0, payloadDType: .f32, compression: .uncompressed)
     }
 
-    func rows(_ shape: (Int, Int), _ mode: WireJobMode, payloadBytes: Int = 4) -> Int {
+    func rows(_ shape: (Int, Int), _ mode: SVDMode, payloadBytes: Int = 4) -> Int {
         WorkerClient.rowsPerShard(rows: shape.0, cols: shape.1, payloadBytes: payloadBytes, spec: spec(mode), shardBytes: 4 << 20)
     }
 

@@ -1,3 +1,4 @@
+import LoRAGACore
 import LoRAGAWire
 import NIOCore
 import Testing
@@ -67,8 +68,8 @@ struct Float32PayloadTests {
 
     @Test("dtype widths and payload eligibility")
     func dtypes() {
-        #expect(WireDType.allCases.map(\.byteWidth) == [4, 2, 2, 8])
-        #expect(WireDType.allCases.filter(\.isPayloadType) == [.f32, .bf16, .f16])
-        #expect(WireDType.allCases.map(\.rawValue) == [0, 1, 2, 3])
+        #expect(TensorDType.allCases.map(\.byteSize) == [4, 2, 2, 8])
+        #expect(TensorDType.allCases.filter(\.isPayloadType) == [.f32, .bf16, .f16])
+        #expect(TensorDType.allCases.map(\.wireCode) == [0, 1, 2, 3])
     }
 }

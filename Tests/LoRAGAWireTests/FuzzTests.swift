@@ -1,3 +1,4 @@
+import LoRAGACore
 import LoRAGAWire
 import NIOCore
 import NIOEmbedded
@@ -36,7 +37,7 @@ private struct MessageGenerator {
         case .jobSpec:
             return .jobSpec(JobSpec(
                 protocolVersion: int(), jobID: string(maxCharacters: 10, allowEmpty: false),
-                mode: WireJobMode.allCases.randomElement(using: &rng)!, rank: int(), sketchWidth: int(), seed: int(),
+                mode: SVDMode.allCases.randomElement(using: &rng)!, rank: int(), sketchWidth: int(), seed: int(),
                 powerIterations: int(), rowsPerShard: int(),
                 payloadDType: [.f32, .bf16, .f16].randomElement(using: &rng)!,
                 compression: WireCompression.allCases.randomElement(using: &rng)!,
@@ -44,15 +45,15 @@ private struct MessageGenerator {
         case .announce:
             return .announce(Announce(layers: (0..<Int.random(in: 0...4, using: &rng)).map { _ in
                 LayerInfo(name: string(maxCharacters: 12, allowEmpty: false), rows: max(1, int()), cols: max(1, int()),
-                          sourceDType: WireDType.allCases.randomElement(using: &rng)!)
+                          sourceDType: TensorDType.allCases.randomElement(using: &rng)!)
             }))
         case .layerBegin:
             return .layerBegin(LayerBegin(layerIndex: int(), name: string(maxCharacters: 16, allowEmpty: false)))
         case .shard:
-            let dtype: WireDType = [.f32, .bf16, .f16].randomElement(using: &rng)!
+            let dtype: TensorDType = [.f32, .bf16, .f16].randomElement(using: &rng)!
             let rows = UInt32.random(in: 1...4, using: &rng)
             let cols = UInt64.random(in: 1...8, using: &rng)
-            let size = Int(rows) * Int(cols) * dtype.byteWidth
+            let size = Int(rows) * Int(cols) * dtype.byteSize
             let rowStart = UInt64.random(in: 0...1_000_000, using: &rng)
             if Bool.random(using: &rng) {
                 return .shard(Shard(layerIndex: int(), rowStart: rowStart, rowCount: rows, cols: cols, dtype: dtype, payload: bytes(size)))

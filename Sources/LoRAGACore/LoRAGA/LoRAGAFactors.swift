@@ -61,6 +61,22 @@ public enum FactorConvention: String, Sendable, CaseIterable, Codable {
     case peft
 }
 
+// Flags and settings files spell these as their raw values.
+extension LoRAGADirection: LosslessStringConvertible {
+    public init?(_ text: String) { self.init(rawValue: text) }
+    public var description: String { rawValue }
+}
+
+extension LoRAMethod: LosslessStringConvertible {
+    public init?(_ text: String) { self.init(rawValue: text) }
+    public var description: String { rawValue }
+}
+
+extension FactorConvention: LosslessStringConvertible {
+    public init?(_ text: String) { self.init(rawValue: text) }
+    public var description: String { rawValue }
+}
+
 /// The LoRA hyper-parameters a LoRA-GA initialization depends on.
 public struct LoRAConfiguration: Sendable, Equatable, Codable {
     public var rank: Int

@@ -7,6 +7,31 @@ public enum SVDMode: String, Sendable, CaseIterable, Codable {
     /// Power iterations as repeated passes over the gradient's row blocks (files, or workers
     /// over the network); nobody holds the layer. Memory (out+in)·k.
     case power
+
+    /// The u8 code of `JobSpec.mode`.
+    public var wireCode: UInt8 {
+        switch self {
+        case .dense: 0
+        case .sketch: 1
+        case .power: 2
+        }
+    }
+
+    /// The mode a wire code names, or `nil` for a code no mode has.
+    public init?(wireCode: UInt8) {
+        switch wireCode {
+        case 0: self = .dense
+        case 1: self = .sketch
+        case 2: self = .power
+        default: return nil
+        }
+    }
+}
+
+extension SVDMode: LosslessStringConvertible {
+    /// A name as typed in flags and settings files, in either case: `power`, `Power`.
+    public init?(_ text: String) { self.init(rawValue: text.lowercased()) }
+    public var description: String { rawValue }
 }
 
 /// The smallest settings that keep the fidelity ratio near 1 on real gradients; fewer passes

@@ -9,12 +9,12 @@ public struct LayerInfo: Hashable, Sendable {
     /// The gradient's `in` dimension.
     public var cols: UInt64
     /// The dtype the worker reads from disk (may be F64; it sends `JobSpec.payloadDType`).
-    public var sourceDType: WireDType
+    public var sourceDType: TensorDType
     /// The blocks of the layer this worker holds, when its files declare blocks; empty when it
     /// holds whole layers (a data-parallel partial sum). Blocks of all workers must cover the layer.
     public var regions: [LayerRegion]
 
-    public init(name: String, rows: UInt64, cols: UInt64, sourceDType: WireDType, regions: [LayerRegion] = []) {
+    public init(name: String, rows: UInt64, cols: UInt64, sourceDType: TensorDType, regions: [LayerRegion] = []) {
         self.name = name
         self.rows = rows
         self.cols = cols
@@ -63,7 +63,7 @@ public struct Announce: WireMessageBody {
             buffer.writeWireString(layer.name)
             buffer.writeLittleEndian(layer.rows)
             buffer.writeLittleEndian(layer.cols)
-            buffer.writeLittleEndian(layer.sourceDType.rawValue)
+            buffer.writeLittleEndian(layer.sourceDType.wireCode)
             buffer.writeLittleEndian(UInt32(layer.regions.count))
             for region in layer.regions {
                 for value in [region.rows.lowerBound, region.rows.upperBound, region.cols.lowerBound, region.cols.upperBound] {
@@ -82,7 +82,7 @@ public struct Announce: WireMessageBody {
             let name = try reader.string("layer name", maxBytes: WireProtocol.maxLayerNameBytes)
             let rows = try reader.integer("rows", as: UInt64.self)
             let cols = try reader.integer("cols", as: UInt64.self)
-            let sourceDType = try reader.enumeration("sourceDType", as: WireDType.self)
+            let sourceDType = try reader.enumeration("sourceDType", as: TensorDType.self)
             let regionCount = try reader.count("block count", minElementBytes: 32)
             var regions: [LayerRegion] = []
             for _ in 0..<regionCount {

@@ -1,22 +1,5 @@
+import LoRAGACore
 import NIOCore
-
-/// How the coordinator reduces a layer's gradient (the wire code of `SVDMode`).
-public enum WireJobMode: UInt8, Sendable, CaseIterable, CustomStringConvertible {
-    /// Coordinator sums the whole layer, then runs a randomized SVD.
-    case dense = 0
-    /// Coordinator folds every shard into linear sketches in one pass.
-    case sketch = 1
-    /// Workers keep their gradients; the coordinator drives power-iteration rounds.
-    case power = 2
-
-    public var description: String {
-        switch self {
-        case .dense: "dense"
-        case .sketch: "sketch"
-        case .power: "power"
-        }
-    }
-}
 
 /// Type 3, coordinator → worker: the job a worker has joined.
 public struct JobSpec: WireMessageBody {
@@ -24,7 +7,7 @@ public struct JobSpec: WireMessageBody {
 
     public var protocolVersion: UInt16
     public var jobID: String
-    public var mode: WireJobMode
+    public var mode: SVDMode
     public var rank: UInt32
     /// k = 2r + oversampling.
     public var sketchWidth: UInt32
@@ -33,7 +16,7 @@ public struct JobSpec: WireMessageBody {
     public var powerIterations: UInt32
     public var rowsPerShard: UInt32
     /// F32, BF16 or F16.
-    public var payloadDType: WireDType
+    public var payloadDType: TensorDType
     public var compression: WireCompression
     /// Layers already finished (e.g. by a coordinator before its restart).
     public var skipLayers: [String]
@@ -41,13 +24,13 @@ public struct JobSpec: WireMessageBody {
     public init(
         protocolVersion: UInt16 = WireProtocol.version,
         jobID: String,
-        mode: WireJobMode,
+        mode: SVDMode,
         rank: UInt32,
         sketchWidth: UInt32,
         seed: UInt64,
         powerIterations: UInt32,
         rowsPerShard: UInt32,
-        payloadDType: WireDType,
+        payloadDType: TensorDType,
         compression: WireCompression,
         skipLayers: [String] = []
     ) {
@@ -80,13 +63,13 @@ public struct JobSpec: WireMessageBody {
     public func encode(into buffer: inout ByteBuffer) {
         buffer.writeLittleEndian(protocolVersion)
         buffer.writeWireString(jobID)
-        buffer.writeLittleEndian(mode.rawValue)
+        buffer.writeLittleEndian(mode.wireCode)
         buffer.writeLittleEndian(rank)
         buffer.writeLittleEndian(sketchWidth)
         buffer.writeLittleEndian(seed)
         buffer.writeLittleEndian(powerIterations)
         buffer.writeLittleEndian(rowsPerShard)
-        buffer.writeLittleEndian(payloadDType.rawValue)
+        buffer.writeLittleEndian(payloadDType.wireCode)
         buffer.writeLittleEndian(compression.rawValue)
         buffer.writeLittleEndian(UInt32(skipLayers.count))
         for name in skipLayers {
@@ -98,13 +81,13 @@ public struct JobSpec: WireMessageBody {
         var reader = PayloadReader(Self.messageType, buffer)
         let protocolVersion = try reader.integer("protocolVersion", as: UInt16.self)
         let jobID = try reader.string("jobID", maxBytes: WireProtocol.maxIDBytes)
-        let mode = try reader.enumeration("mode", as: WireJobMode.self)
+        let mode = try reader.enumeration("mode", as: SVDMode.self)
         let rank = try reader.integer("rank", as: UInt32.self)
         let sketchWidth = try reader.integer("sketchWidth", as: UInt32.self)
         let seed = try reader.integer("seed", as: UInt64.self)
         let powerIterations = try reader.integer("powerIterations", as: UInt32.self)
         let rowsPerShard = try reader.integer("rowsPerShard", as: UInt32.self)
-        let payloadDType = try reader.enumeration("payloadDType", as: WireDType.self)
+        let payloadDType = try reader.enumeration("payloadDType", as: TensorDType.self)
         let compression = try reader.enumeration("compression", as: WireCompression.self)
         let count = try reader.count("skipLayers count", minElementBytes: 2)
         var skipLayers: [String] = []

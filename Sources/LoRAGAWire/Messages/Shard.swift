@@ -1,3 +1,4 @@
+import LoRAGACore
 import NIOCore
 
 /// Type 6, worker → coordinator: a rectangle of one layer's gradient, rows
@@ -5,7 +6,7 @@ import NIOCore
 /// `cols` wide. A worker holding a whole layer sends full rows (`colStart` 0, `cols` the
 /// layer's width); one holding blocks sends only the rectangles it holds.
 ///
-/// `uncompressedBytes` is always `rowCount × cols × dtype.byteWidth`; without
+/// `uncompressedBytes` is always `rowCount × cols × dtype.byteSize`; without
 /// compression `payload` holds exactly that many bytes. With compression the
 /// receiver checks `rowCount` and `cols` against the job before it allocates
 /// `uncompressedBytes` for decompression. `checksum` is XXH3-64 (``ShardChecksum``) of
@@ -26,7 +27,7 @@ public struct Shard: WireMessageBody {
     public var colStart: UInt64
     /// The rectangle's width: columns per row of the payload.
     public var cols: UInt64
-    public var dtype: WireDType
+    public var dtype: TensorDType
     public var compression: WireCompression
     public var uncompressedBytes: UInt64
     /// ``ShardChecksum`` of `payload` as sent, computed by the sender.
@@ -42,7 +43,7 @@ public struct Shard: WireMessageBody {
         rowStart: UInt64,
         rowCount: UInt32,
         cols: UInt64,
-        dtype: WireDType,
+        dtype: TensorDType,
         compression: WireCompression,
         uncompressedBytes: UInt64,
         payload: ByteBuffer,
@@ -65,7 +66,7 @@ public struct Shard: WireMessageBody {
 
     /// An uncompressed shard; `uncompressedBytes` is the payload's size, and `checksum`
     /// is computed from `payload` unless given.
-    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payload: ByteBuffer,
+    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: TensorDType, payload: ByteBuffer,
                 checksum: UInt64? = nil, attempt: UInt32 = 0, colStart: UInt64 = 0) {
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype,
@@ -76,7 +77,7 @@ public struct Shard: WireMessageBody {
 
     /// An uncompressed shard sent straight from a file: `payloadFile` holds its rows as the
     /// file stores them (in the wire's dtype and byte order), and `checksum` is their hash.
-    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: WireDType, payloadFile: FileRegion,
+    public init(layerIndex: UInt32, rowStart: UInt64, rowCount: UInt32, cols: UInt64, dtype: TensorDType, payloadFile: FileRegion,
                 checksum: UInt64, attempt: UInt32 = 0, colStart: UInt64 = 0) {
         self.init(
             layerIndex: layerIndex, rowStart: rowStart, rowCount: rowCount, cols: cols, dtype: dtype, compression: .uncompressed,
@@ -149,7 +150,7 @@ public struct Shard: WireMessageBody {
         buffer.writeLittleEndian(rowCount)
         buffer.writeLittleEndian(colStart)
         buffer.writeLittleEndian(cols)
-        buffer.writeLittleEndian(dtype.rawValue)
+        buffer.writeLittleEndian(dtype.wireCode)
         buffer.writeLittleEndian(compression.rawValue)
         buffer.writeLittleEndian(uncompressedBytes)
         buffer.writeLittleEndian(checksum)
@@ -171,7 +172,7 @@ public struct Shard: WireMessageBody {
         let rowCount = try reader.integer("rowCount", as: UInt32.self)
         let colStart = try reader.integer("colStart", as: UInt64.self)
         let cols = try reader.integer("cols", as: UInt64.self)
-        let dtype = try reader.enumeration("dtype", as: WireDType.self)
+        let dtype = try reader.enumeration("dtype", as: TensorDType.self)
         let compression = try reader.enumeration("compression", as: WireCompression.self)
         let uncompressedBytes = try reader.integer("uncompressedBytes", as: UInt64.self)
         let checksum = try reader.integer("checksum", as: UInt64.self)

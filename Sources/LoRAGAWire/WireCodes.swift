@@ -1,31 +1,19 @@
-/// Element type of a tensor on the wire (u8).
-public enum WireDType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
-    case f32 = 0
-    case bf16 = 1
-    case f16 = 2
-    /// Only as `LayerInfo.sourceDType`: gradients travel as F32, BF16 or F16.
-    case f64 = 3
+import LoRAGACore
 
-    /// Bytes per element.
-    public var byteWidth: Int {
-        switch self {
-        case .f32: 4
-        case .bf16, .f16: 2
-        case .f64: 8
-        }
-    }
+/// A vocabulary enum of LoRAGACore that travels as one byte; its codes are defined beside
+/// the enum (`TensorDType.wireCode`, `SVDMode.wireCode`) so no field has a second spelling.
+protocol WireCoded {
+    var wireCode: UInt8 { get }
+    init?(wireCode: UInt8)
+}
 
-    /// Whether shard payloads may use this type.
-    public var isPayloadType: Bool { self != .f64 }
+extension TensorDType: WireCoded {}
+extension SVDMode: WireCoded {}
 
-    public var description: String {
-        switch self {
-        case .f32: "F32"
-        case .bf16: "BF16"
-        case .f16: "F16"
-        case .f64: "F64"
-        }
-    }
+extension TensorDType {
+    /// Whether shard payloads may use this type: gradients travel as F32, BF16 or F16; F64
+    /// only describes a worker's source files (`LayerInfo.sourceDType`).
+    public var isPayloadType: Bool { isWritableFromFloat }
 }
 
 /// How a shard payload is compressed (u8).
@@ -48,11 +36,11 @@ public enum WireCompression: UInt8, Sendable, CaseIterable, CustomStringConverti
 public func payloadByteCount<Rows: BinaryInteger, Cols: BinaryInteger>(
     rows: Rows,
     cols: Cols,
-    dtype: WireDType
+    dtype: TensorDType
 ) -> Int? {
     guard let rows = UInt64(exactly: rows), let cols = UInt64(exactly: cols) else { return nil }
     let (elements, overflow1) = rows.multipliedReportingOverflow(by: cols)
-    let (bytes, overflow2) = elements.multipliedReportingOverflow(by: UInt64(dtype.byteWidth))
+    let (bytes, overflow2) = elements.multipliedReportingOverflow(by: UInt64(dtype.byteSize))
     guard !overflow1, !overflow2 else { return nil }
     return Int(exactly: bytes)
 }

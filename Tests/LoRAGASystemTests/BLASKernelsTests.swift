@@ -1,5 +1,5 @@
 import Testing
-@testable import LoRAGACore
+@testable import LoRAGADaemon
 
 /// When lora-ga replaces OpenBLAS's own kernel choice, and with what.
 @Suite struct BLASKernelsTests {
