@@ -227,7 +227,21 @@ def generate(bench_bin, arguments, log_path):
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"lora-ga-bench shards exited {code}; see {log_path}")
-    return json.loads(stdout), usage.ru_utime + usage.ru_stime
+    summary = json.loads(stdout)
+    summary["peak_rss_mb"] = usage.ru_maxrss * 1024 / 1e6
+    return summary, usage.ru_utime + usage.ru_stime
+
+
+def meminfo_gb(key):
+    """A /proc/meminfo figure in GB (page cache: "Cached")."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
 
 
 def free_bytes(path):
@@ -269,6 +283,7 @@ def scale_out(bin_dir, work, logs, note, shape="8192x28672", workers=(1, 2, 4), 
                 runs[n].append(job)
                 shutil.rmtree(adapter, ignore_errors=True)
         return {"shape": shape, "rank": rank, "workers": list(workers), "runs": runs, "generate_seconds": summary["seconds"],
+                "generate_rss_mb": summary["peak_rss_mb"],
                 "generate_cpu": gen_cpu, "file_bytes": rows * cols * 4}
     finally:
         shutil.rmtree(data, ignore_errors=True)
@@ -298,7 +313,7 @@ def render_scale_out(result, met):
     lines = ["### Scale-out: one layer as row shards through the daemons", "",
              f"One {result['shape'].replace('x', '×')} layer (F32, {result['file_bytes'] / 1e6:.0f} MB; planted spectrum s_i = i^-0.8 over rank 512, "
              f"written by `lora-ga-bench shards`, {result['generate_seconds']:.0f} s) as 1 whole file for 1 worker and as N row shards "
-             f"(lora_ga.blocks) for N workers; `lora-ga-coord` + N `lora-ga-worker` on 127.0.0.1, mode {mode}, r = {rank}. "
+             f"(lora_ga.blocks) for N workers (generator peak RSS {result['generate_rss_mb']:.0f} MB); `lora-ga-coord` + N `lora-ga-worker` on 127.0.0.1, mode {mode}, r = {rank}. "
              f"Each worker count ran {len(next(iter(result['runs'].values())))}× alternating; the run with the least total worker CPU is shown. "
              "CPU: user+sys of each process (wait4 rusage); RSS: peak (rusage), anon: peak anonymous RSS sampled from /proc "
              "(a worker's RSS also counts its mapped gradient file); sent: payload bytes from each worker's --summary-file; "
@@ -388,6 +403,7 @@ def llama7b(bin_dir, work, logs, note, blocks=32, layers_per_block=7, workers=2,
         shard_bytes = [os.path.getsize(os.path.join(d, "grads.safetensors")) for d in shard_dirs]
         adapter = os.path.join(data, "adapter")
         note(f"7B-shaped: the job through lora-ga-coord + {workers} lora-ga-worker")
+        cached = meminfo_gb("Cached")
         job = run_daemon_job(bin_dir, shard_dirs, adapter, logs, "llama7b", rank=rank, timeout=timeout)
         note(f"7B-shaped: done in {job['wall']:.0f} s; verifying {len(sampled)} sampled layers against their whole gradient")
         ratios, worst = verify(lora_ga, adapter, [os.path.join(data, "sample")], os.path.join(logs, "llama7b-verify.txt"))
@@ -395,10 +411,15 @@ def llama7b(bin_dir, work, logs, note, blocks=32, layers_per_block=7, workers=2,
         adapter_bytes = os.path.getsize(os.path.join(adapter, "adapter_model.safetensors"))
         return {"blocks": blocks, "layers_per_block": layers_per_block, "layers": len(layers), "parameters": parameters,
                 "workers": workers, "job": job, "ratios": ratios, "worst": worst, "sample_blocks": sample_blocks,
-                "generate_seconds": summary["seconds"], "generate_cpu": gen_cpu, "shard_bytes": shard_bytes, "report": report,
+                "generate_seconds": summary["seconds"], "generate_cpu": gen_cpu, "generate_rss_mb": summary["peak_rss_mb"],
+                "page_cache_gb": cached, "shard_bytes": shard_bytes, "report": report,
                 "adapter_bytes": adapter_bytes, "full": blocks == 32 and layers_per_block == 7}
     finally:
         shutil.rmtree(data, ignore_errors=True)
+
+
+def fmt_gb(value):
+    return "–" if value is None else f"{value:.1f} GB"
 
 
 def render_llama7b(result, met):
@@ -422,7 +443,9 @@ def render_llama7b(result, met):
              f"{result['parameters']:,} parameters, BF16, row-sharded over {result['workers']} workers "
              f"(each worker one file holding its {100 // result['workers']} % of every layer's rows as lora_ga.blocks: "
              f"{' + '.join(f'{b / 1e9:.2f}' for b in result['shard_bytes'])} GB); planted spectrum i^-0.8 over rank 512 per layer "
-             f"(`lora-ga-bench shards`, {result['generate_seconds']:.0f} s to write). Mode {mode}, r = {rank}. Ratio on blocks "
+             f"(`lora-ga-bench shards`, {result['generate_seconds']:.0f} s to write at {result['generate_rss_mb']:.0f} MB peak RSS: it streams). "
+             f"Page cache when the job started: {fmt_gb(result.get('page_cache_gb'))} (the shards had just been written; a cold job reads them from disk). "
+             f"Mode {mode}, r = {rank}. Ratio on blocks "
              f"{', '.join(map(str, result['sample_blocks']))} ({len(result['ratios'])} layers, every shape), "
              f"`lora-ga verify` against those layers' whole gradient.", "",
              "| figure | value |", "|---|---|",
