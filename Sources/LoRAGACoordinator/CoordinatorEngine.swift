@@ -47,7 +47,8 @@ public actor CoordinatorEngine {
     struct LayerWork {
         var accumulator: LayerAccumulator?
         var finder: RangeFinder?
-        var powerReplies: [String: Matrix] = [:]
+        /// This round's replies, summed in worker-id order as they arrive (power).
+        var round: PowerRoundSum?
         let started: ContinuousClock.Instant
         var firstShard: ContinuousClock.Instant?
         var bytes = 0
@@ -232,15 +233,29 @@ public actor CoordinatorEngine {
             let describe = { (ranges: [Range<Int>]) in ranges.prefix(4).map { "\($0.lowerBound)..<\($0.upperBound)" }.joined(separator: ", ") + (ranges.count > 4 ? ", …" : "") }
             return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)': reply carries rows \(describe(reply.spans)), the worker's share makes rows \(describe(spans))"))
         }
-        let values = reply.fullValues
+        let values = reply.values   // only the rows of its spans, as they travelled
         if let bad = values.firstIndex(where: { !$0.isFinite }) {
-            return perform(machine.fail(JobError(.badInput, "worker '\(worker)': layer '\(layer.name)' produced NaN/Inf in its power-iteration product (row \(bad / finder.sketchWidth)); its gradient contains non-finite values")))
+            let row = Self.row(ofCompactIndex: bad / finder.sketchWidth, spans: spans)
+            return perform(machine.fail(JobError(.badInput, "worker '\(worker)': layer '\(layer.name)' produced NaN/Inf in its power-iteration product (row \(row)); its gradient contains non-finite values")))
         }
-        work[index]!.powerReplies[worker] = Matrix(rows: expectedRows, cols: finder.sketchWidth, storage: values)
+        if work[index]!.round == nil {
+            work[index]!.round = PowerRoundSum(holders: machine.holders(of: index) ?? [worker], rows: expectedRows, cols: finder.sketchWidth)
+        }
+        work[index]!.round!.add(worker, spans: spans, values: values)
         work[index]!.bytes += reply.payload.readableBytes
         totalBytes += reply.payload.readableBytes
         options.metrics.received(bytes: reply.payload.readableBytes)
         perform(machine.powerReplyStored(layer: index, worker: worker))
+    }
+
+    /// The row of a compact reply's `index`-th carried row.
+    static func row(ofCompactIndex index: Int, spans: [Range<Int>]) -> Int {
+        var remaining = index
+        for span in spans {
+            if remaining < span.count { return span.lowerBound + remaining }
+            remaining -= span.count
+        }
+        return index
     }
 
     /// The worker a data message comes from, or nil once it has been dropped (stale, duplicate)
@@ -407,21 +422,19 @@ public actor CoordinatorEngine {
             case .gram:
                 preconditionFailure("the coordinator's range finder never fuses passes: workers hold only shares of G")
             }
-            work[index]?.powerReplies = [:]
+            work[index]?.round = nil
             perform(machine.powerRequestReady(layer: index, message))
         }
     }
 
     private func completePowerRound(_ index: Int) {
-        guard let replies = work[index]?.powerReplies, var finder = work[index]?.finder else { return }
-        // Sum in worker-id order: the same inputs give the same bits, whoever answered first.
-        var sum: Matrix?
-        for worker in replies.keys.sorted() {
-            if sum == nil { sum = replies[worker] } else { sum!.add(replies[worker]!) }
-        }
+        // Summed in worker-id order as the replies came: the same inputs give the same bits.
+        guard let replies = work[index]?.round, var finder = work[index]?.finder else { return }
+        precondition(replies.isComplete, "power round of layer \(index) complete with \(replies.added) of \(replies.order.count) replies added")
+        work[index]?.round = nil
         let round = UInt32(finder.passesDone)
         do {
-            let step = try finder.advance(with: sum!)
+            let step = try finder.advance(with: replies.sum)
             work[index]?.finder = finder
             advancePower(index, step: step, round: round)
         } catch {

@@ -352,6 +352,11 @@ public struct JobStateMachine: Sendable {
         open[layer]?.productSpans(of: worker, side: side)
     }
 
+    /// The workers that hold part of open layer `layer` (each answers its power rounds).
+    public func holders(of layer: Int) -> Set<String>? {
+        open[layer]?.holders
+    }
+
     /// `request` as `worker` gets it: only the rows of X its share multiplies.
     private func request(_ request: PowerRequest, for worker: String, ledger: LayerLedger) -> PowerRequest {
         request.restricted(to: ledger.operandSpans(of: worker, side: request.side))
