@@ -113,7 +113,7 @@ let package = Package(
         .executableTarget(
             name: "lora-ga-bench",
             dependencies: [
-                "LoRAGACore", "LoRAGADaemon", "COpenBLAS",
+                "LoRAGACore", "LoRAGADaemon", "LoRAGAFormats", "COpenBLAS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Sources/LoraGABench"

@@ -14,7 +14,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lora-ga-bench",
         abstract: "Measure this machine's limits for Scripts/bench.",
-        subcommands: [Machine.self])
+        subcommands: [Machine.self, ShardedGradients.self])
 
     static func main() {
         var command: any ParsableCommand
