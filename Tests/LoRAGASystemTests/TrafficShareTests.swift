@@ -47,11 +47,14 @@ import LoRAGAWorker
     }
 
     /// Runs a coordinator and one worker per directory.
-    static func run(mode: SVDMode, shares: [String], out: String, allowUncovered: Bool = false) async throws -> (CoordinatorSummary, [WorkerSummary]) {
+    static func run(mode: SVDMode, shares: [String], out: String, allowUncovered: Bool = false,
+                    payloadDType: TensorDType = .f32, compress: Bool = false) async throws -> (CoordinatorSummary, [WorkerSummary]) {
         var options = CoordinatorOptions(settings: JobSettings(lora: LoRAConfiguration(rank: 8, alpha: 16), mode: mode),
                                          expectedWorkers: shares.count, outputDirectory: out)
         options.gatherTimeout = .seconds(60)
         options.allowUncovered = allowUncovered
+        options.payloadDType = payloadDType
+        options.compressShards = compress
         let server = CoordinatorServer(host: "127.0.0.1", port: 0, options: options, logger: DistributedJobTests.quiet)
         let (ports, continuation) = AsyncStream<Int>.makeStream()
         async let summary = server.run { port, _ in continuation.yield(port) }
@@ -99,6 +102,22 @@ import LoRAGAWorker
             let bound = mode == .sketch ? 1.05 : 1.01
             for (name, ratio) in try ratios(out, whole: whole) { #expect(ratio <= bound, "\(label) \(mode) \(name): \(ratio)") }
         }
+    }
+
+    /// Column blocks in BF16, zstd-compressed (the path that encodes a narrow part through a
+    /// buffer): each worker still sends about half of a whole-layer worker's bytes.
+    @Test(arguments: [SVDMode.dense, .sketch])
+    func narrowPartsTravelCompressedInBF16(mode: SVDMode) async throws {
+        let whole = try Self.whole()
+        let (_, single) = try await Self.run(mode: mode, shares: whole, out: try Fixtures.scratch("traffic-whole-bf16-\(mode)"), payloadDType: .bf16, compress: true)
+        let out = try Fixtures.scratch("traffic-cols-bf16-\(mode)")
+        let (summary, workers) = try await Self.run(mode: mode, shares: try Self.columnHalves(), out: out, payloadDType: .bf16, compress: true)
+        #expect(summary.layers == 2)
+        for (index, worker) in workers.enumerated() {
+            #expect(Double(worker.bytesSent) <= 0.6 * Double(single[0].bytesSent), "worker \(index) sent \(worker.bytesSent) bytes, a whole-layer worker \(single[0].bytesSent)")
+        }
+        let bound = mode == .sketch ? 1.05 : 1.01
+        for (name, ratio) in try ratios(out, whole: whole) { #expect(ratio <= bound, "bf16 \(mode) \(name): \(ratio)") }
     }
 
     /// Power: a worker's replies carry the rows its share makes nonzero — its rows of Y = G·P on
