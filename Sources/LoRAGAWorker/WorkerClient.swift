@@ -250,16 +250,18 @@ public struct WorkerClient: Sendable {
             logger.info("joined job: mode \(spec.mode), rank \(spec.rank), \(spec.skipLayers.count) layers already finished")
             try await outbound.write(.announce(Announce(layers: gradients.announcement)))
         case .streamLayer(let begin, let layer, let spec):
-            let bytes = try await sendLayer(begin, layer: layer, spec: spec, gradients: gradients, pool: pool, outbound: outbound)
+            let (bytes, rows) = try await sendLayer(begin, layer: layer, spec: spec, gradients: gradients, pool: pool, outbound: outbound)
             summary.bytesSent += bytes
-            options.metrics.sent(bytes: bytes, rows: layer.rows)
+            options.metrics.sent(bytes: bytes, rows: rows)
             summary.layersSent += 1
         case .answerPower(let request, let layer):
             let reply = try await pool.runIfActive { try gradients.answer(request, layer: layer) }
             try await outbound.write(.powerReply(reply))
             summary.bytesSent += reply.payload.readableBytes
             summary.powerReplies += 1
-            options.metrics.sent(bytes: reply.payload.readableBytes, rows: layer.rows)
+            // The gradient rows this worker multiplied: those of its share, not the layer's.
+            let rows = gradients.productSpans(of: layer, side: .range).reduce(0) { $0 + $1.count }
+            options.metrics.sent(bytes: reply.payload.readableBytes, rows: rows)
         case .releaseLayer(let layer):
             gradients.release(layer)
         case .sendError(let error):
@@ -305,7 +307,7 @@ public struct WorkerClient: Sendable {
     /// or the rectangles its blocks cover) in turn, cut into bands of rows sized by
     /// ``rowsPerShard(rows:cols:payloadBytes:spec:shardBytes:)`` on the part's width.
     private func sendLayer(_ begin: LayerBegin, layer: GradientLayer, spec: JobSpec, gradients: GradientReader, pool: NIOThreadPool,
-                           outbound: NIOAsyncChannelOutboundWriter<WireMessage>) async throws -> Int {
+                           outbound: NIOAsyncChannelOutboundWriter<WireMessage>) async throws -> (bytes: Int, rows: Int) {
         let dtype = spec.payloadDType
         let compress = spec.compression == .zstdShuffled
         let fromFile = spec.mode == .dense && gradients.sendsRowsFromFile(of: layer, as: dtype, compress: compress)
@@ -345,6 +347,6 @@ public struct WorkerClient: Sendable {
         let rowCount = ranges.reduce(0) { $0 + $1.rows.count }
         try await outbound.write(.layerCommit(LayerCommit(layerIndex: begin.layerIndex, shardCount: UInt32(ranges.count), rowCount: UInt64(rowCount), checksum: checksum.value, attempt: begin.attempt)))
         logger.info("sent layer \(begin.layerIndex) '\(layer.name)' (\(layer.rows)×\(layer.cols), \(sent / 1_000_000) MB\(begin.attempt > 0 ? ", attempt \(begin.attempt)" : ""))")
-        return sent
+        return (sent, rowCount)
     }
 }
