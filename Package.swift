@@ -131,7 +131,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LoRAGACoordinatorTests",
-            dependencies: ["LoRAGACoordinator", "LoRAGADaemon", "LoRAGAWire", "LoRAGAFormats", "LoRAGACore"]
+            dependencies: ["LoRAGACoordinator", "LoRAGADaemon", "LoRAGAWire", "LoRAGAFormats", "LoRAGACore", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
             name: "LoRAGAWorkerTests",

@@ -233,15 +233,15 @@ public actor CoordinatorEngine {
             let describe = { (ranges: [Range<Int>]) in ranges.prefix(4).map { "\($0.lowerBound)..<\($0.upperBound)" }.joined(separator: ", ") + (ranges.count > 4 ? ", …" : "") }
             return refuse(connection, ErrorMessage(code: .shapeMismatch, message: "layer '\(layer.name)': reply carries rows \(describe(reply.spans)), the worker's share makes rows \(describe(spans))"))
         }
-        let values = reply.values   // only the rows of its spans, as they travelled
-        if let bad = values.firstIndex(where: { !$0.isFinite }) {
+        // Only the rows of its spans, read where they arrived (no copy).
+        if let bad = PowerRoundSum.firstNonFinite(in: reply.payload) {
             let row = Self.row(ofCompactIndex: bad / finder.sketchWidth, spans: spans)
             return perform(machine.fail(JobError(.badInput, "worker '\(worker)': layer '\(layer.name)' produced NaN/Inf in its power-iteration product (row \(row)); its gradient contains non-finite values")))
         }
         if work[index]!.round == nil {
             work[index]!.round = PowerRoundSum(holders: machine.holders(of: index) ?? [worker], rows: expectedRows, cols: finder.sketchWidth)
         }
-        work[index]!.round!.add(worker, spans: spans, values: values)
+        work[index]!.round!.add(worker, spans: spans, payload: reply.payload)
         work[index]!.bytes += reply.payload.readableBytes
         totalBytes += reply.payload.readableBytes
         options.metrics.received(bytes: reply.payload.readableBytes)

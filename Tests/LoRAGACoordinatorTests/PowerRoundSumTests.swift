@@ -1,3 +1,5 @@
+import LoRAGAWire
+import NIOCore
 import Testing
 @testable import LoRAGACoordinator
 
@@ -15,7 +17,7 @@ import Testing
 
     static func summed(arrival: [Int]) -> PowerRoundSum {
         var round = PowerRoundSum(holders: ["w2", "w0", "w1"], rows: rows, cols: cols)
-        for i in arrival { round.add(replies[i].worker, spans: replies[i].spans, values: replies[i].values) }
+        for i in arrival { round.add(replies[i].worker, spans: replies[i].spans, payload: ByteBuffer(float32LittleEndian: replies[i].values)) }
         return round
     }
 
@@ -43,15 +45,18 @@ import Testing
 
     @Test func onlyRepliesAheadOfAPredecessorWaitAndTheyWaitCompact() {
         var round = PowerRoundSum(holders: ["w0", "w1", "w2"], rows: Self.rows, cols: Self.cols)
-        round.add("w0", spans: Self.replies[0].spans, values: Self.replies[0].values)
+        round.add("w0", spans: Self.replies[0].spans, payload: ByteBuffer(float32LittleEndian: Self.replies[0].values))
         #expect(round.added == 1 && round.waitingFloats == 0)
-        round.add("w2", spans: Self.replies[2].spans, values: Self.replies[2].values)
+        round.add("w2", spans: Self.replies[2].spans, payload: ByteBuffer(float32LittleEndian: Self.replies[2].values))
         #expect(round.added == 1 && round.waitingFloats == 6)   // w2's two rows, not a 6-row matrix
-        round.add("w1", spans: Self.replies[1].spans, values: Self.replies[1].values)
+        round.add("w1", spans: Self.replies[1].spans, payload: ByteBuffer(float32LittleEndian: Self.replies[1].values))
         #expect(round.added == 3 && round.waitingFloats == 0 && round.isComplete)
     }
 
     @Test func aNaNIsReportedAtItsLayerRow() {
+        #expect(PowerRoundSum.firstNonFinite(in: ByteBuffer(float32LittleEndian: [1, 2, 3, 4, .nan, 6])) == 4)
+        #expect(PowerRoundSum.firstNonFinite(in: ByteBuffer(float32LittleEndian: [1, -.infinity])) == 1)
+        #expect(PowerRoundSum.firstNonFinite(in: ByteBuffer(float32LittleEndian: [1, 2])) == nil)
         #expect(CoordinatorEngine.row(ofCompactIndex: 0, spans: [4..<6]) == 4)
         #expect(CoordinatorEngine.row(ofCompactIndex: 3, spans: [0..<2, 4..<6]) == 5)
     }
