@@ -250,6 +250,56 @@ import LoRAGAWorker
         #expect(!FileManager.default.fileExists(atPath: options.outputDirectory + "/adapter_model.safetensors"))
     }
 
+    /// The same in power mode: a hand-written client that answers a power round with a NaN in
+    /// a row-shard reply (only its rows travel) fails the job naming worker, layer and the
+    /// layer's row, not the row's place in the reply.
+    @Test func aNaNInAPowerReplyFailsTheJobNamingTheLayersRow() async throws {
+        var options = CoordinatorOptions(settings: JobSettings(lora: LoRAConfiguration(rank: 2, alpha: 4), mode: .power),
+                                         expectedWorkers: 1, outputDirectory: try Fixtures.scratch("nan-power-out"))
+        options.gatherTimeout = .seconds(30)
+        options.rejoinTimeout = .seconds(2)
+        options.allowUncovered = true   // the rogue holds rows 32..<64 only
+        let server = CoordinatorServer(host: "127.0.0.1", port: 0, options: options, logger: Self.quiet)
+        let (ports, continuation) = AsyncStream<Int>.makeStream()
+        async let summary = server.run { port, _ in continuation.yield(port) }
+        var iterator = ports.makeAsyncIterator()
+        let port = await iterator.next()!
+        let (rows, cols, badRow) = (64, 48, 41)
+        let channel = try await Fixtures.wireConnection(port: port)
+        let watchdog = Task {
+            try await Task.sleep(for: .seconds(10))
+            try await channel.channel.close()
+        }
+        defer { watchdog.cancel() }
+        try? await channel.executeThenClose { inbound, outbound in
+            var messages = inbound.makeAsyncIterator()
+            _ = try await messages.next()
+            try await outbound.write(.hello(Hello(workerID: "rogue", sessionNonce: 1)))
+            _ = try await messages.next()
+            let share = LayerRegion(rows: 32..<64, cols: 0..<cols)
+            try await outbound.write(.announce(Announce(layers: [LayerInfo(name: "x.weight", rows: UInt64(rows), cols: UInt64(cols), sourceDType: .f32, regions: [share])])))
+            while let message = try await messages.next() {
+                guard case .powerRequest(let request) = message, request.side == .range else { continue }
+                let k = Int(request.matrixCols)
+                var values = [Float](repeating: 0.5, count: 32 * k)
+                values[(badRow - 32) * k + 1] = .nan
+                try await outbound.write(.powerReply(PowerReply(layerIndex: request.layerIndex, round: request.round, side: .range,
+                                                                rowsOf: [Float](repeating: 0, count: 32 * k) + values,
+                                                                matrixRows: rows, matrixCols: k, spans: [32..<64])))
+                break
+            }
+            while try await messages.next() != nil {}
+        }
+        do {
+            let result = try await summary
+            Issue.record("the job finished: \(result)")
+        } catch {
+            let message = "\(error)"
+            #expect(message.contains("worker 'rogue'") && message.contains("x.weight") && message.contains("row \(badRow)"), "\(message)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: options.outputDirectory + "/adapter_model.safetensors"))
+    }
+
     actor Gate {
         var isOpen = false
         func open() { isOpen = true }
