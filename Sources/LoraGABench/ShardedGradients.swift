@@ -187,7 +187,7 @@ struct ShardedGradients: ParsableCommand {
                 .write(to: URL(fileURLWithPath: (sampleDirectory as NSString).appendingPathComponent(PlantedSpectrumFile.fileName)), options: .atomic)
         }
         let summary = ShardedGradientsSummary(
-            layers: specs.count, parameters: specs.reduce(0) { $0 + $1.rows * $1.cols }, dtype: type.rawValue,
+            layers: specs.count, parameters: specs.reduce(0) { $0 + $1.rows * $1.cols }, dtype: type,
             bytesPerElement: type.byteSize, layouts: layoutDirectories, sample: sampled.isEmpty ? nil : sampleDirectory,
             sampledLayers: sampled.map(\.name), seconds: Date().timeIntervalSince(started))
         print(String(decoding: try encoder.encode(summary), as: UTF8.self))
@@ -197,7 +197,7 @@ struct ShardedGradients: ParsableCommand {
 struct ShardedGradientsSummary: Encodable {
     var layers: Int
     var parameters: Int
-    var dtype: String
+    var dtype: TensorDType
     var bytesPerElement: Int
     var layouts: [String]
     var sample: String?
