@@ -1,3 +1,7 @@
+// Over 400 lines on purpose: the executor of every JobStateMachine action in one actor (its
+// state is the actor's); shard bytes are in CoordinatorEngine+Shards.swift, power rounds in
+// CoordinatorEngine+Power.swift.
+
 import Foundation
 import Logging
 import LoRAGACore
@@ -9,10 +13,6 @@ import NIOPosix
 #if canImport(Glibc)
 import Glibc
 #endif
-
-// Over 400 lines on purpose: the executor of every JobStateMachine action in one actor (its
-// state is the actor's); shard bytes are in CoordinatorEngine+Shards.swift, power rounds in
-// CoordinatorEngine+Power.swift.
 
 /// The coordinator's executor: carries out ``JobStateMachine`` actions and owns what the
 /// machine must not — every open layer's numbers (``LayerWork``), the checkpoint store, the

@@ -1,11 +1,11 @@
+// Over 400 lines on purpose: one state machine whose rules (joining, consistency, coverage,
+// the ledger, the end of the job) are read and tested together; its per-layer part is
+// LayerLedger.swift.
+
 import LoRAGADaemon
 import LoRAGACore
 import LoRAGAFormats
 import LoRAGAWire
-
-// Over 400 lines on purpose: one state machine whose rules (joining, consistency, coverage,
-// the ledger, the end of the job) are read and tested together; its per-layer part is
-// LayerLedger.swift.
 
 /// The coordinator's bookkeeping as a pure value: which connections have greeted, which
 /// workers hold a slot, which layers are open and what each worker delivered for them

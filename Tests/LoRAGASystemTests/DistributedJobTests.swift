@@ -196,22 +196,20 @@ import LoRAGAWorker
         }
     }
 
-    /// The coordinator does not trust workers' own checks: a hand-written client that skips
-    /// them and sends a NaN in an F32 or a BF16 shard fails the job naming worker, layer and
-    /// row, and no adapter is written.
-    @Test(arguments: [TensorDType.f32, .bf16])
-    func aNaNShardFromAWorkerThatSkipsItsChecksFailsTheJob(dtype: TensorDType) async throws {
-        var options = CoordinatorOptions(settings: JobSettings(lora: LoRAConfiguration(rank: 2, alpha: 4), mode: .dense),
-                                         expectedWorkers: 1, outputDirectory: try Fixtures.scratch("nan-raw-out"))
-        options.payloadDType = dtype
-        options.gatherTimeout = .seconds(30)
-        options.rejoinTimeout = .seconds(2)   // if the NaN went unnoticed, the job fails on the hang-up instead of hanging
+    typealias Inbound = NIOAsyncChannelInboundStream<WireMessage>.AsyncIterator
+    typealias Outbound = NIOAsyncChannelOutboundWriter<WireMessage>
+
+    /// A coordinator with `options` and one hand-written client, "rogue", that greets,
+    /// announces `layer` and then speaks `conversation` (which returns once it has sent what it
+    /// wants to); the client then waits for the coordinator to hang up (at most 10 s). Returns
+    /// how the job ended.
+    func jobWithRogueClient(_ options: CoordinatorOptions, announcing layer: LayerInfo,
+                            _ conversation: @escaping @Sendable (inout Inbound, Outbound) async throws -> Void) async throws -> Result<CoordinatorSummary, Error> {
         let server = CoordinatorServer(host: "127.0.0.1", port: 0, options: options, logger: Self.quiet)
         let (ports, continuation) = AsyncStream<Int>.makeStream()
         async let summary = server.run { port, _ in continuation.yield(port) }
         var iterator = ports.makeAsyncIterator()
         let port = await iterator.next()!
-        let (rows, cols, badRow) = (64, 48, 17)
         let channel = try await Fixtures.wireConnection(port: port)
         // The coordinator should hang up at once; if it does not, give up after 10 s.
         let watchdog = Task {
@@ -224,7 +222,25 @@ import LoRAGAWorker
             _ = try await messages.next()   // Challenge: the job has no secret
             try await outbound.write(.hello(Hello(workerID: "rogue", sessionNonce: 1)))
             _ = try await messages.next()   // JobSpec: only then may more than a Hello follow
-            try await outbound.write(.announce(Announce(layers: [LayerInfo(name: "x.weight", rows: UInt64(rows), cols: UInt64(cols), sourceDType: .f32)])))
+            try await outbound.write(.announce(Announce(layers: [layer])))
+            try await conversation(&messages, outbound)
+            while try await messages.next() != nil {}   // until the coordinator hangs up
+        }
+        do { return .success(try await summary) } catch { return .failure(error) }
+    }
+
+    /// The coordinator does not trust workers' own checks: a hand-written client that skips
+    /// them and sends a NaN in an F32 or a BF16 shard fails the job naming worker, layer and
+    /// row, and no adapter is written.
+    @Test(arguments: [TensorDType.f32, .bf16])
+    func aNaNShardFromAWorkerThatSkipsItsChecksFailsTheJob(dtype: TensorDType) async throws {
+        var options = CoordinatorOptions(settings: JobSettings(lora: LoRAConfiguration(rank: 2, alpha: 4), mode: .dense),
+                                         expectedWorkers: 1, outputDirectory: try Fixtures.scratch("nan-raw-out"))
+        options.payloadDType = dtype
+        options.gatherTimeout = .seconds(30)
+        options.rejoinTimeout = .seconds(2)   // if the NaN went unnoticed, the job fails on the hang-up instead of hanging
+        let (rows, cols, badRow) = (64, 48, 17)
+        let result = try await jobWithRogueClient(options, announcing: LayerInfo(name: "x.weight", rows: UInt64(rows), cols: UInt64(cols), sourceDType: .f32)) { messages, outbound in
             while let message = try await messages.next() {
                 guard case .layerBegin(let begin) = message else { continue }
                 var values = [Float](repeating: 0.25, count: rows * cols)
@@ -236,14 +252,13 @@ import LoRAGAWorker
                 }
                 try await outbound.write(.shard(Shard(layerIndex: begin.layerIndex, rowStart: 0, rowCount: UInt32(rows), cols: UInt64(cols),
                                                       dtype: dtype == .f32 ? .f32 : .bf16, payload: payload, attempt: begin.attempt)))
-                break
+                return
             }
-            while try await messages.next() != nil {}   // until the coordinator hangs up
         }
-        do {
-            let result = try await summary
-            Issue.record("the job finished: \(result)")
-        } catch {
+        switch result {
+        case .success(let summary):
+            Issue.record("the job finished: \(summary)")
+        case .failure(let error):
             let message = "\(error)"
             #expect(message.contains("worker 'rogue'") && message.contains("x.weight") && message.contains("row \(badRow)"), "\(message)")
         }
@@ -259,25 +274,10 @@ import LoRAGAWorker
         options.gatherTimeout = .seconds(30)
         options.rejoinTimeout = .seconds(2)
         options.allowUncovered = true   // the rogue holds rows 32..<64 only
-        let server = CoordinatorServer(host: "127.0.0.1", port: 0, options: options, logger: Self.quiet)
-        let (ports, continuation) = AsyncStream<Int>.makeStream()
-        async let summary = server.run { port, _ in continuation.yield(port) }
-        var iterator = ports.makeAsyncIterator()
-        let port = await iterator.next()!
         let (rows, cols, badRow) = (64, 48, 41)
-        let channel = try await Fixtures.wireConnection(port: port)
-        let watchdog = Task {
-            try await Task.sleep(for: .seconds(10))
-            try await channel.channel.close()
-        }
-        defer { watchdog.cancel() }
-        try? await channel.executeThenClose { inbound, outbound in
-            var messages = inbound.makeAsyncIterator()
-            _ = try await messages.next()
-            try await outbound.write(.hello(Hello(workerID: "rogue", sessionNonce: 1)))
-            _ = try await messages.next()
-            let share = LayerRegion(rows: 32..<64, cols: 0..<cols)
-            try await outbound.write(.announce(Announce(layers: [LayerInfo(name: "x.weight", rows: UInt64(rows), cols: UInt64(cols), sourceDType: .f32, regions: [share])])))
+        let share = LayerRegion(rows: 32..<64, cols: 0..<cols)
+        let layer = LayerInfo(name: "x.weight", rows: UInt64(rows), cols: UInt64(cols), sourceDType: .f32, regions: [share])
+        let result = try await jobWithRogueClient(options, announcing: layer) { messages, outbound in
             while let message = try await messages.next() {
                 guard case .powerRequest(let request) = message, request.side == .range else { continue }
                 let k = Int(request.matrixCols)
@@ -286,14 +286,13 @@ import LoRAGAWorker
                 try await outbound.write(.powerReply(PowerReply(layerIndex: request.layerIndex, round: request.round, side: .range,
                                                                 rowsOf: [Float](repeating: 0, count: 32 * k) + values,
                                                                 matrixRows: rows, matrixCols: k, spans: [32..<64])))
-                break
+                return
             }
-            while try await messages.next() != nil {}
         }
-        do {
-            let result = try await summary
-            Issue.record("the job finished: \(result)")
-        } catch {
+        switch result {
+        case .success(let summary):
+            Issue.record("the job finished: \(summary)")
+        case .failure(let error):
             let message = "\(error)"
             #expect(message.contains("worker 'rogue'") && message.contains("x.weight") && message.contains("row \(badRow)"), "\(message)")
         }
